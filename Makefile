@@ -1,0 +1,28 @@
+# Two commands: `make demo` runs the main job, `make test` runs the test suite.
+# Each builds .venv on first use (CPU torch 2.13.0 first, so no CUDA build is pulled in).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[hf,dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/maskkit demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check maskkit tests benchmarks
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/mae_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

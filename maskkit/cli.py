@@ -1,0 +1,102 @@
+"""The `maskkit` command: train, eval, demo, and recipe helpers (ls, cp, validate).
+
+Errors a user can fix (MaskkitError) print as one line and exit with status 2; `--debug` shows the
+traceback instead.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from maskkit.errors import MaskkitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskkit", description="Masked and self-supervised pretraining.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a recipe: maskkit train CONFIG [key=value ...]")
+    train.add_argument("config", help="a YAML file or a bundled recipe name (see `maskkit ls`)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 train.steps=100")
+    train.add_argument("--out", help="run directory (default runs/<name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
+    evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
+    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune"], default="knn")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=10 data.name=folder")
+    evaluate.add_argument("--device", default="cpu")
+
+    sub.add_parser("ls", help="list bundled recipes")
+    copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
+    copy.add_argument("recipe")
+    copy.add_argument("path")
+    validate = sub.add_parser("validate", help="check a config without training")
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*")
+
+    demo = sub.add_parser("demo", help="pretrain MAE-tiny on bundled data, probe it against random init")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides for the mae/tiny recipe")
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except MaskkitError as error:
+        if args.debug:
+            raise
+        print(f"maskkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maskkit: interrupted; checkpoints already written are intact (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    from maskkit import config as configs
+
+    if args.command == "ls":
+        for name in configs.list_recipes():
+            print(name)
+        return 0
+    if args.command == "cp":
+        source, target = configs.resolve_recipe(args.recipe), Path(args.path)
+        if target.exists():
+            raise MaskkitError(f"{target} already exists; choose another path")
+        shutil.copyfile(source, target)
+        print(f"copied {source.name} to {target}")
+        return 0
+    if args.command == "validate":
+        cfg = configs.load_config(args.config, args.overrides)
+        print(f"{args.config}: ok ({cfg.method}, {cfg.train.steps} steps, batch {cfg.train.batch_size})")
+        return 0
+    if args.command == "train":
+        from maskkit.train.loop import train
+
+        cfg = configs.load_config(args.config, args.overrides)
+        out = Path(args.out or Path("runs") / cfg.name)
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+        print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")
+        return 0
+    if args.command == "eval":
+        from maskkit.eval.run import evaluate
+
+        result = evaluate(args.path, args.protocol, args.overrides, device=args.device)
+        print(json.dumps(result, indent=1))
+        return 0
+    if args.command == "demo":
+        from maskkit.demo import demo
+
+        demo(Path(args.out), args.overrides, progress=not args.no_progress)
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,10 @@
+"""Methods by name: the one place that maps a recipe's `method:` to its class and config."""
+
+from maskkit.methods.base import Method, MethodOutput
+from maskkit.methods.mae import MAE, MAEConfig
+
+METHODS: dict[str, tuple[type[Method], type]] = {
+    "mae": (MAE, MAEConfig),
+}
+
+__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig"]

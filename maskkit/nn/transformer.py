@@ -1,0 +1,155 @@
+"""Transformer building blocks: attention, MLP, pre-norm block, and the Vision Transformer.
+
+The block is generic (any token sequence, optional attention mask), so text models reuse it; the ViT
+adds patch embedding, fixed 2D sin-cos positions and an optional CLS token (Dosovitskiy et al. 2021,
+Sec 3.1), and its forward takes the indices of the tokens to keep, so any method can drop tokens
+before the encoder runs (MAE Sec 3, FLIP Sec 3).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from maskkit.errors import MaskkitError
+from maskkit.nn.masking import gather_tokens
+from maskkit.nn.pos_embed import sincos_2d
+
+
+@contextlib.contextmanager
+def double_backward_safe():
+    """Run attention on the math kernel, which supports gradients of gradients.
+
+    In torch 2.13 the default CPU kernel of `scaled_dot_product_attention` has no second derivative
+    ("derivative for _scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); losses
+    that differentiate through an inner gradient step (energy-based pretraining) run inside this.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (Vaswani et al. 2017, Sec 3.2)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise MaskkitError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # each (B, H, L, D/H)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 3
+    dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    cls_token: bool = True
+
+
+class ViT(nn.Module):
+    """Vision Transformer encoder. forward(images, keep) -> (B, [1+] N_keep, D) normalised tokens."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise MaskkitError(
+                f"model.encoder.image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}"
+            )
+        self.cfg = cfg
+        self.grid_size = cfg.image_size // cfg.patch_size
+        self.num_patches = self.grid_size**2
+        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
+        # Fixed, so derived from the config and not saved (MAE Sec A.1: "sine-cosine version").
+        self.register_buffer("pos_embed", sincos_2d(cfg.dim, self.grid_size, self.grid_size).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        # MAE's init: patch projection like a linear layer, xavier-uniform linears, small normal tokens.
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise MaskkitError(f"images of shape {tuple(images.shape)} do not match the model's (B, {', '.join(map(str, expected))})")
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) patch tokens with position embeddings added (before any masking)."""
+        self.check_images(images)
+        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)   # (B, N, D)
+        return tokens + self.pos_embed.to(tokens.dtype)
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.embed(images)
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep)                          # (B, N_keep, D)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def features(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """(B, D) image features for evaluation: the CLS token, or the mean of the patch tokens."""
+        tokens = self(images)
+        if pool == "cls" and self.cls_token is not None:
+            return tokens[:, 0]
+        if pool in ("mean", "cls"):
+            return tokens[:, 1:].mean(1) if self.cls_token is not None else tokens.mean(1)
+        raise MaskkitError(f"unknown pool {pool!r}; use 'cls' or 'mean'")

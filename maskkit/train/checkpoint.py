@@ -1,0 +1,177 @@
+"""Checkpoints: safetensors for tensors, JSON for the rest, each written atomically.
+
+    RUN/checkpoints/step_000200/model.safetensors      method weights (frozen parts left out)
+                               /optimizer.safetensors  optimizer moments + RNG states
+                               /state.json             step, optimizer hyper-parameters, config, method
+    RUN/checkpoints/latest                             name of the newest complete checkpoint
+
+A checkpoint directory is filled under a temporary name and renamed when complete, and `latest` is
+replaced with os.replace, so a crash at any moment leaves every earlier checkpoint intact. Nothing is
+ever unpickled.
+"""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from maskkit.errors import MaskkitError
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors and a JSON-able remainder."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it."""
+    directory = Path(run_dir) / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    tmp = directory / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
+    save_file(weights, tmp / "model.safetensors", metadata={"method": method.name})
+    optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+    optim_tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            optim_tensors[f"rng.cuda.{i}"] = rng
+    save_file(optim_tensors, tmp / "optimizer.safetensors")
+    state = {"format": FORMAT_VERSION, "method": method.name, "step": step, "time": time.time(),
+             "optimizer": optim_meta, "config": config}
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    final = directory / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    atomic_write_text(directory / "latest", name + "\n")
+    _prune(directory, keep, protect=name)
+    return final
+
+
+def _prune(directory: Path, keep: int, protect: str) -> None:
+    checkpoints = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in checkpoints[: max(0, len(checkpoints) - keep)]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory, its `checkpoints/` folder, or the directory itself."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MaskkitError(f"checkpoint path {path} does not exist")
+    if (path / "state.json").is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        latest = folder / "latest"
+        if latest.is_file():
+            found = folder / latest.read_text().strip()
+            if (found / "state.json").is_file():
+                return found
+            raise MaskkitError(f"{latest} points to {found.name}, which is missing or incomplete")
+    raise MaskkitError(f"no checkpoint in {path} (expected state.json or checkpoints/latest)")
+
+
+def read_state(checkpoint: Path) -> dict:
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MaskkitError(f"{checkpoint / 'state.json'}: unreadable checkpoint state ({error})") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise MaskkitError(f"{checkpoint / 'state.json'}: format {state.get('format')!r}, expected {FORMAT_VERSION}")
+    return state
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise MaskkitError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def load_weights(method, checkpoint: Path) -> dict:
+    """Load method weights from a checkpoint; refuses another method's checkpoint. Returns state.json."""
+    state = read_state(checkpoint)
+    if state["method"] != method.name:
+        raise MaskkitError(
+            f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}"
+        )
+    weights = _load_safetensors(checkpoint / "model.safetensors")
+    expected = method.trainable_state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise MaskkitError(
+            f"{checkpoint / 'model.safetensors'} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            " (was it written with another model size?)"
+        )
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise MaskkitError(
+                f"{checkpoint / 'model.safetensors'}: {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    method.load_state_dict(weights, strict=False)
+    return state
+
+
+def load_training_state(optimizer, checkpoint: Path, state: dict) -> int:
+    """Restore optimizer moments and RNG states; returns the step to continue from."""
+    tensors = _load_safetensors(checkpoint / "optimizer.safetensors")
+    _restore_optimizer(optimizer, tensors, state["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return int(state["step"])
+
+
+def export_backbone(backbone, config: dict, path: Path) -> Path:
+    """Backbone-only weights (e.g. the ViT encoder) plus its config, for downstream use."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(weights, tmp, metadata={"config": json.dumps(config)})
+    os.replace(tmp, path)
+    return path
