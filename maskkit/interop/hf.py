@@ -13,6 +13,7 @@ still writes, use the 4.x names (`vit.encoder.layer.0.attention.attention.query.
 """
 
 import math
+from collections.abc import Iterable
 from os import PathLike
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def _require_cls_token(cfg: MAEConfig) -> None:
         raise MaskkitError("model.encoder.cls_token=False: Hugging Face ViT-MAE always has a CLS token")
 
 
-def _check_keys(given, expected, what: str, hint: str = "") -> None:
+def _check_keys(given: Iterable[str], expected: Iterable[str], what: str, hint: str = "") -> None:
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     if missing:
@@ -121,7 +122,7 @@ def mae_config_from_hf(hf_config) -> MAEConfig:
     if getattr(c, "model_type", "vit_mae") != "vit_mae":
         raise MaskkitError(f"hf config model_type={c.model_type!r}; only 'vit_mae' maps to maskkit's MAE")
     if c.hidden_act != "gelu":
-        # HF's "gelu" is the exact erf form, which is what maskkit's MLP uses; tanh variants differ at 1e-3.
+        # HF's "gelu" is the exact erf form, which is what maskkit's MLP uses; the tanh forms differ by up to 5e-4.
         raise MaskkitError(f"hf config hidden_act={c.hidden_act!r}; maskkit's MLP uses exact GELU ('gelu')")
     for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if getattr(c, field, 0.0):

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from maskkit.config import config_from_dict
+
+
+def tiny_config_dict(**sections) -> dict:
+    """A MAE config small enough for a training step in well under a second."""
+    values = {
+        "name": "tiny",
+        "method": "mae",
+        "model": {
+            "encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "num_heads": 2},
+            "decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2,
+        },
+        "data": {"name": "digits", "image_size": 16},
+        "optim": {"base_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0},
+        "train": {"steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 5},
+    }
+    for section, updates in sections.items():
+        if isinstance(updates, dict):
+            values[section] = {**values.get(section, {}), **updates}
+        else:
+            values[section] = updates
+    return values
+
+
+@pytest.fixture
+def tiny_config():
+    return lambda **sections: config_from_dict(tiny_config_dict(**sections))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
