@@ -157,14 +157,19 @@ def load_weights(method, checkpoint: Path) -> dict:
 
 
 def load_training_state(optimizer, checkpoint: Path, state: dict) -> int:
-    """Restore optimizer moments and RNG states; returns the step to continue from."""
+    """Restore optimizer moments; returns the step to continue from."""
     tensors = _load_safetensors(checkpoint / "optimizer.safetensors")
     _restore_optimizer(optimizer, tensors, state["optimizer"])
+    return int(state["step"])
+
+
+def restore_rng(checkpoint: Path) -> None:
+    """Restore the global generators (call it last: building a DataLoader iterator draws from them)."""
+    tensors = _load_safetensors(checkpoint / "optimizer.safetensors")
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    return int(state["step"])
 
 
 def export_backbone(backbone, config: dict, path: Path) -> Path:

@@ -153,6 +153,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                         pin_memory=info.device.type == "cuda")
     batches = iter(loader)
+    if resume:
+        checkpoint.restore_rng(found)
 
     model = DistributedDataParallel(method) if info.enabled else method
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"

@@ -1,0 +1,219 @@
+"""Evaluate a pretrained backbone with MAE's protocols (He et al. 2021, Sec 4): kNN, linear probe, fine-tuning.
+
+`evaluate(path, protocol)` loads the backbone of a run, runs the protocol on the labelled data set of
+the run's config, and runs it again on a ViT of the same shape with random weights, so the result shows
+what pretraining bought over the architecture alone. The result is also written to RUN/eval.json.
+"""
+
+import copy
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from maskkit.config import Config, apply_overrides, build_dataclass, config_from_dict, config_to_dict, load_config
+from maskkit.data.augment import ImageAugment
+from maskkit.data.images import labelled_dataset
+from maskkit.errors import MaskkitError
+from maskkit.eval.features import extract_features
+from maskkit.eval.finetune import finetune
+from maskkit.eval.knn import knn_accuracy
+from maskkit.eval.linear_probe import linear_probe
+from maskkit.nn.transformer import ViT, ViTConfig
+from maskkit.train.checkpoint import atomic_write_text, find_checkpoint, load_weights, read_state
+from maskkit.train.distributed import pick_device
+from maskkit.train.loop import build_method
+
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+def find_weights(path: str | Path) -> Path:
+    """The checkpoint directory or backbone.safetensors file that `path` stands for.
+
+    A run directory gives its latest checkpoint, or its backbone.safetensors when it has no checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MaskkitError(
+            f"{path} does not exist; expected a run directory, a checkpoint directory or a backbone.safetensors file"
+        )
+    if path.is_file():
+        return path
+    if any((path / name).is_file() for name in ("state.json", "latest", "checkpoints/latest")):
+        return find_checkpoint(path)
+    if (path / "backbone.safetensors").is_file():
+        return path / "backbone.safetensors"
+    raise MaskkitError(f"{path} holds neither a checkpoint (checkpoints/latest) nor a backbone.safetensors")
+
+
+def load_backbone(path: str | Path) -> tuple[ViT, Config]:
+    """(backbone, config) from a run directory, a checkpoint directory or a backbone.safetensors file.
+
+    A checkpoint brings the full config of its run (state.json). A backbone.safetensors file brings the
+    ViT config in its metadata, plus the run's config.yaml when one sits next to it; without one, the
+    data and eval sections are the defaults (at the backbone's image size).
+    """
+    source = find_weights(path)
+    return _from_checkpoint(source) if source.is_dir() else _from_safetensors(source)
+
+
+def _from_checkpoint(checkpoint: Path) -> tuple[ViT, Config]:
+    state = read_state(checkpoint)
+    if not isinstance(state.get("config"), dict):
+        raise MaskkitError(f"{checkpoint / 'state.json'} holds no config, so the model cannot be rebuilt")
+    cfg = config_from_dict(state["config"], source=str(checkpoint / "state.json"))
+    method = build_method(cfg)
+    load_weights(method, checkpoint)
+    if not isinstance(method.backbone, ViT):
+        raise MaskkitError(f"{checkpoint}: method {cfg.method!r} has no ViT backbone to evaluate on images")
+    return method.backbone, cfg
+
+
+def _from_safetensors(file: Path) -> tuple[ViT, Config]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, SafetensorError) as error:
+        raise MaskkitError(f"{file}: unreadable safetensors file ({error})") from None
+    config_yaml = file.parent / "config.yaml"
+    run_cfg = load_config(str(config_yaml)) if config_yaml.is_file() else None
+    if "config" in metadata:
+        try:
+            values = json.loads(metadata["config"])
+        except json.JSONDecodeError:
+            raise MaskkitError(f"{file}: the 'config' metadata is not JSON") from None
+        vit_cfg = build_dataclass(ViTConfig, values, source=f"{file} (metadata 'config')")
+    elif run_cfg is not None and isinstance(getattr(run_cfg.model, "encoder", None), ViTConfig):
+        vit_cfg = run_cfg.model.encoder
+    else:
+        raise MaskkitError(f"{file}: no ViT config in its metadata and no config.yaml next to it")
+    if run_cfg is None:
+        # A bare backbone file does not say which method trained it; `mae` only fills the model section.
+        run_cfg = config_from_dict(
+            {"method": "mae", "model": {"encoder": dataclasses.asdict(vit_cfg)},
+             "data": {"image_size": vit_cfg.image_size, "in_channels": vit_cfg.in_channels}},
+            source=str(file),
+        )
+    backbone = ViT(vit_cfg)
+    _check_fits(weights, backbone.state_dict(), file)
+    backbone.load_state_dict(weights)
+    return backbone, run_cfg
+
+
+def _check_fits(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise MaskkitError(
+            f"{file} does not fit the ViT of its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise MaskkitError(
+                f"{file}: {key} has shape {tuple(value.shape)}, the ViT of its config expects {tuple(expected[key].shape)}"
+            )
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise MaskkitError(f"unknown evaluation protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+
+
+def _device(name: str | torch.device) -> torch.device:
+    # pick_device knows auto / cpu / cuda (and fails clearly without CUDA); anything else is torch's to parse.
+    return pick_device(name) if name in ("auto", "cpu", "cuda") else torch.device(name)
+
+
+def evaluate_backbones(
+    backbone: ViT,
+    cfg: Config,
+    protocols: Sequence[str] = ("knn", "linear"),
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """{protocol: result} for `backbone` and for a ViT of the same config with random weights (seed `seed`).
+
+    A result holds "protocol", "dataset", "pretrained" and "random_init" (test accuracies in [0, 1]),
+    "num_train" and "num_test". `backbone` itself is not modified: a copy goes to `device`.
+    """
+    for protocol in protocols:
+        _check_protocol(protocol)
+    device = _device(device)
+    train_set, test_set = labelled_dataset(cfg.data, "train"), labelled_dataset(cfg.data, "test")
+    num_classes = train_set.dataset.num_classes    # both labelled sets (digits, folder) define it
+    augment = ImageAugment(cfg.data)
+    with torch.random.fork_rng(devices=[]):        # seeded, without moving the caller's global generator
+        torch.manual_seed(seed)
+        random_init = ViT(backbone.cfg)
+    backbones = {"pretrained": copy.deepcopy(backbone).to(device), "random_init": random_init.to(device)}
+    ecfg = cfg.eval
+    results = {
+        protocol: {"protocol": protocol, "dataset": cfg.data.name, "num_train": len(train_set), "num_test": len(test_set)}
+        for protocol in protocols
+    }
+    for name, model in backbones.items():
+        features = None  # (train_f, train_y, test_f, test_y), computed once for kNN and the probe together
+        for protocol in protocols:
+            if protocol == "finetune":
+                results[protocol][name] = finetune(
+                    model, train_set, test_set, augment, num_classes, epochs=ecfg.finetune_epochs,
+                    lr=ecfg.finetune_lr, batch_size=ecfg.finetune_batch_size, pool=ecfg.pool, seed=seed,
+                    device=device, progress=progress,
+                )
+                continue
+            if features is None:
+                features = (
+                    *extract_features(model, train_set, augment.normalize, ecfg.pool, ecfg.batch_size, device),
+                    *extract_features(model, test_set, augment.normalize, ecfg.pool, ecfg.batch_size, device),
+                )
+            if protocol == "knn":
+                results[protocol][name] = knn_accuracy(
+                    *features, k=ecfg.knn_k, temperature=ecfg.knn_temperature, num_classes=num_classes
+                )
+            else:
+                probe = linear_probe(
+                    *features, num_classes, epochs=ecfg.probe_epochs, lr=ecfg.probe_lr,
+                    batch_size=ecfg.probe_batch_size, seed=seed,
+                )
+                results[protocol][name] = probe.test_accuracy
+    return results
+
+
+def _eval_json_path(source: Path) -> Path:
+    """RUN/eval.json for a checkpoint under RUN/checkpoints/, else next to the file or in the checkpoint."""
+    if source.is_file():
+        return source.parent / "eval.json"
+    return (source.parent.parent if source.parent.name == "checkpoints" else source) / "eval.json"
+
+
+def evaluate(
+    path: str | Path,
+    protocol: str,
+    overrides: Sequence[str] = (),
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run `protocol` (linear | knn | finetune) on the backbone at `path` and on a random init of it.
+
+    `overrides` are dotted `key=value` strings for the data and eval sections (e.g. `eval.knn_k=10`,
+    `data.name=folder`, `data.path=DIR`). Returns the result and writes it to eval.json in the run.
+    """
+    _check_protocol(protocol)
+    for override in overrides:
+        if override.strip().startswith("model."):
+            raise MaskkitError(f"override {override!r}: the model's shape comes from the saved weights, not the config")
+    source = find_weights(path)
+    backbone, cfg = load_backbone(source)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)), source="overrides")
+    if cfg.train.threads and _device(device).type == "cpu":
+        torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
+    result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
+    result["checkpoint"] = str(source)
+    atomic_write_text(_eval_json_path(source), json.dumps(result, indent=1) + "\n")
+    return result

@@ -1,0 +1,110 @@
+"""Loading a backbone from a run, and `evaluate` end to end, on a 2-step training run of a tiny MAE."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from maskkit.config import config_from_dict, config_to_dict
+from maskkit.data.augment import ImageAugment
+from maskkit.data.images import labelled_dataset
+from maskkit.errors import MaskkitError
+from maskkit.eval import evaluate, evaluate_backbones, load_backbone
+from maskkit.nn.transformer import ViT, ViTConfig
+from maskkit.train.checkpoint import find_checkpoint
+from maskkit.train.loop import build_method, train
+
+TINY = {
+    "method": "mae",
+    "model": {"encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "num_heads": 2},
+              "decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2},
+    "data": {"name": "digits", "image_size": 16},
+    "train": {"steps": 2, "batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    train(config_from_dict(TINY), run, progress=False)
+    return run
+
+
+def some_images(cfg) -> torch.Tensor:
+    test_set = labelled_dataset(cfg.data, "test")
+    return ImageAugment(cfg.data).normalize(torch.stack([test_set[i]["images"] for i in range(8)]))
+
+
+@torch.no_grad()
+def features_of(backbone: ViT, images: torch.Tensor) -> torch.Tensor:
+    return backbone.eval().features(images, "cls")
+
+
+def test_load_backbone_round_trip(run_dir, tmp_path):
+    cfg = config_from_dict(TINY)
+    images = some_images(cfg)
+    # The encoder as training exported it, loaded without maskkit.eval.
+    trained = ViT(cfg.model.encoder)
+    trained.load_state_dict(load_file(run_dir / "backbone.safetensors"))
+    expected = features_of(trained, images)
+
+    bare = tmp_path / "bare"                                  # a lone backbone file: config from its metadata
+    bare.mkdir()
+    shutil.copy(run_dir / "backbone.safetensors", bare)
+    exported = tmp_path / "exported"                          # a run without checkpoints: backbone + config.yaml
+    exported.mkdir()
+    shutil.copy(run_dir / "backbone.safetensors", exported)
+    shutil.copy(run_dir / "config.yaml", exported)
+    for path in (run_dir, find_checkpoint(run_dir), run_dir / "backbone.safetensors",
+                 bare / "backbone.safetensors", exported):
+        backbone, loaded_cfg = load_backbone(path)
+        assert torch.equal(features_of(backbone, images), expected), path
+        assert loaded_cfg.data.image_size == 16 and loaded_cfg.model.encoder == cfg.model.encoder
+    assert config_to_dict(load_backbone(run_dir)[1]) == config_to_dict(cfg)
+
+    # The weights did move in training, so the check above could tell a fresh init from a loaded one.
+    torch.manual_seed(cfg.train.seed)
+    assert not torch.equal(features_of(build_method(cfg).backbone, images), expected)
+
+
+def test_evaluate_knn_writes_eval_json(run_dir):
+    result = evaluate(run_dir, "knn", overrides=["eval.knn_k=10"], progress=False)
+    assert 0.0 <= result["pretrained"] <= 1.0 and 0.0 <= result["random_init"] <= 1.0
+    assert (result["protocol"], result["dataset"]) == ("knn", "digits")
+    assert (result["num_train"], result["num_test"]) == (1257, 540)
+    assert result["checkpoint"] == str(find_checkpoint(run_dir))
+    assert json.loads((run_dir / "eval.json").read_text()) == result
+
+
+def test_finetune_protocol_leaves_the_backbone_alone(run_dir):
+    backbone, cfg = load_backbone(run_dir)
+    cfg.eval.finetune_epochs, cfg.eval.finetune_batch_size = 1, 256
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    result = evaluate_backbones(backbone, cfg, ["finetune"], progress=False)["finetune"]
+    assert 0.0 <= result["pretrained"] <= 1.0 and 0.0 <= result["random_init"] <= 1.0
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_errors_name_what_is_wrong(run_dir, tmp_path):
+    with pytest.raises(MaskkitError, match="bogus.*linear, knn, finetune"):
+        evaluate(run_dir, "bogus")
+    with pytest.raises(MaskkitError, match="no_such_run"):
+        evaluate(tmp_path / "no_such_run", "knn")
+    with pytest.raises(MaskkitError, match="model.encoder.dim"):
+        evaluate(run_dir, "knn", overrides=["model.encoder.dim=64"])
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file")
+    with pytest.raises(MaskkitError, match="garbage.safetensors"):
+        load_backbone(garbage)
+
+    # Weights of a 16-wide ViT under the metadata of a 32-wide one.
+    small = ViTConfig(image_size=16, dim=16, depth=1, num_heads=2)
+    wrong = tmp_path / "wrong.safetensors"
+    metadata = {"config": json.dumps(dataclasses.asdict(dataclasses.replace(small, dim=32)))}
+    save_file(ViT(small).state_dict(), wrong, metadata=metadata)
+    with pytest.raises(MaskkitError, match="wrong.safetensors.*shape"):
+        load_backbone(wrong)
