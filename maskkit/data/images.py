@@ -32,6 +32,7 @@ class DataConfig:
     name: str = "digits"              # digits | photos | folder | a "+"-joined mixture, e.g. photos+digits
     path: str = ""                    # the folder for `folder`
     image_size: int = 32
+    load_size: int = 0                # folder/photos images are loaded at this size for training (0 = image_size)
     in_channels: int = 3
     photo_crops: int = 4096           # samples in `photos` (fixed random crops of the sample photographs)
     eval_split: float = 0.3           # held-out fraction for labelled sets (digits, folder with classes)
@@ -212,13 +213,14 @@ class Indexed(Dataset):
 def build_image_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """split: "train" (pretraining / probe training), "test" (held out), or "all"."""
     parts = []
+    load_size = cfg.load_size or cfg.image_size
     for name in cfg.name.split("+"):
         if name == "digits":
-            parts.append(Digits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
+            parts.append(Digits(split, load_size, cfg.in_channels, cfg.eval_split))
         elif name == "photos":
-            parts.append(PhotoCrops(cfg.photo_crops, cfg.image_size, cfg.in_channels))
+            parts.append(PhotoCrops(cfg.photo_crops, load_size, cfg.in_channels))
         elif name == "folder":
-            parts.append(ImageFolder(cfg.path, cfg.image_size, cfg.in_channels, split, cfg.eval_split, cfg.strict))
+            parts.append(ImageFolder(cfg.path, load_size, cfg.in_channels, split, cfg.eval_split, cfg.strict))
         else:
             raise MaskkitError(f"data.name: unknown data set {name!r}; choose from digits, photos, folder (or a+b)")
     return Indexed(parts[0] if len(parts) == 1 else ConcatDataset(parts))
