@@ -174,6 +174,14 @@ def validate(cfg: Config, source: str = "config") -> None:
             )
         if encoder.in_channels != cfg.data.in_channels:
             raise MaskkitError(f"{source}: model.encoder.in_channels differs from data.in_channels")
+    channels = cfg.data.in_channels
+    if len(cfg.data.mean) != channels or len(cfg.data.std) != channels:
+        raise MaskkitError(f"{source}: data.mean and data.std need one value per channel ({channels})")
+    for key, value in (("eval.knn_k", cfg.eval.knn_k), ("eval.probe_epochs", cfg.eval.probe_epochs),
+                       ("eval.batch_size", cfg.eval.batch_size), ("eval.probe_batch_size", cfg.eval.probe_batch_size),
+                       ("eval.finetune_batch_size", cfg.eval.finetune_batch_size)):
+        if value < 1:
+            raise MaskkitError(f"{source}: {key} must be at least 1, got {value}")
     for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
                        ("train.accumulation_steps", cfg.train.accumulation_steps)):
         if value < 1:

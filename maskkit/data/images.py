@@ -169,7 +169,11 @@ class ImageFolder(Dataset):
         if split != "all":
             # A fixed split: every k-th file of each class is held out.
             period = max(2, round(1 / eval_split)) if eval_split > 0 else 0
-            keep = [(i % period == 0) == (split == "test") if period else split == "train" for i in range(len(files))]
+            rank_in_class, seen = [], {}
+            for label in labels:
+                rank_in_class.append(seen.get(label, 0))
+                seen[label] = rank_in_class[-1] + 1
+            keep = [(r % period == 0) == (split == "test") if period else split == "train" for r in rank_in_class]
             files = [f for f, k in zip(files, keep) if k]
             labels = [lab for lab, k in zip(labels, keep) if k]
         self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)

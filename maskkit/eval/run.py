@@ -23,7 +23,7 @@ from maskkit.eval.finetune import finetune
 from maskkit.eval.knn import knn_accuracy
 from maskkit.eval.linear_probe import linear_probe
 from maskkit.nn.transformer import ViT, ViTConfig
-from maskkit.train.checkpoint import atomic_write_text, find_checkpoint, load_weights, read_state
+from maskkit.train.checkpoint import atomic_write_text, check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 from maskkit.train.loop import build_method
 
@@ -99,22 +99,9 @@ def _from_safetensors(file: Path) -> tuple[ViT, Config]:
             source=str(file),
         )
     backbone = ViT(vit_cfg)
-    _check_fits(weights, backbone.state_dict(), file)
+    check_state_dict(weights, backbone.state_dict(), file)
     backbone.load_state_dict(weights)
     return backbone, run_cfg
-
-
-def _check_fits(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise MaskkitError(
-            f"{file} does not fit the ViT of its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise MaskkitError(
-                f"{file}: {key} has shape {tuple(value.shape)}, the ViT of its config expects {tuple(expected[key].shape)}"
-            )
 
 
 def _check_protocol(protocol: str) -> None:
@@ -151,10 +138,8 @@ def evaluate_backbones(
         random_init = ViT(backbone.cfg)
     backbones = {"pretrained": copy.deepcopy(backbone).to(device), "random_init": random_init.to(device)}
     ecfg = cfg.eval
-    results = {
-        protocol: {"protocol": protocol, "dataset": cfg.data.name, "num_train": len(train_set), "num_test": len(test_set)}
-        for protocol in protocols
-    }
+    sizes = {"num_train": len(train_set), "num_test": len(test_set)}
+    results = {protocol: {"protocol": protocol, "dataset": cfg.data.name, **sizes} for protocol in protocols}
     for name, model in backbones.items():
         features = None  # (train_f, train_y, test_f, test_y), computed once for kNN and the probe together
         for protocol in protocols:
@@ -201,7 +186,8 @@ def evaluate(
     """Run `protocol` (linear | knn | finetune) on the backbone at `path` and on a random init of it.
 
     `overrides` are dotted `key=value` strings for the data and eval sections (e.g. `eval.knn_k=10`,
-    `data.name=folder`, `data.path=DIR`). Returns the result and writes it to eval.json in the run.
+    `data.name=folder`, `data.path=DIR`). Returns the result and records it under its protocol in the
+    run's eval.json, next to the results of the other protocols.
     """
     _check_protocol(protocol)
     for override in overrides:
@@ -215,5 +201,12 @@ def evaluate(
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
     result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
     result["checkpoint"] = str(source)
-    atomic_write_text(_eval_json_path(source), json.dumps(result, indent=1) + "\n")
+    path = _eval_json_path(source)
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded[protocol] = result
+    atomic_write_text(path, json.dumps(recorded, indent=1) + "\n")
     return result

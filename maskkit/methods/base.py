@@ -36,8 +36,11 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (momentum encoders, queues). Default: nothing."""
 
-    def save_figures(self, batch: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
-        """Called once at the end of training with a batch; returns the figures written."""
+    def save_figures(self, batch: dict[str, torch.Tensor], out_dir: Path, denormalize=lambda x: x) -> list[Path]:
+        """Called once at the end of training with a batch; returns the figures written.
+
+        `denormalize` maps the batch's normalised images back to [0, 1] pixels for display.
+        """
         return []
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -130,6 +130,21 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise MaskkitError(f"{path}: unreadable safetensors file ({error})") from None
 
 
+def check_state_dict(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
+    """Fail with the file and the first offending keys when `weights` does not fit a model's state dict."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise MaskkitError(
+            f"{file} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            " (was it written with another model size?)"
+        )
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise MaskkitError(
+                f"{file}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+
+
 def load_weights(method, checkpoint: Path) -> dict:
     """Load method weights from a checkpoint; refuses another method's checkpoint. Returns state.json."""
     state = read_state(checkpoint)
@@ -138,20 +153,7 @@ def load_weights(method, checkpoint: Path) -> dict:
             f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}"
         )
     weights = _load_safetensors(checkpoint / "model.safetensors")
-    expected = method.trainable_state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise MaskkitError(
-            f"{checkpoint / 'model.safetensors'} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            " (was it written with another model size?)"
-        )
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise MaskkitError(
-                f"{checkpoint / 'model.safetensors'}: {key} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(expected[key].shape)}"
-            )
+    check_state_dict(weights, method.trainable_state_dict(), checkpoint / "model.safetensors")
     method.load_state_dict(weights, strict=False)
     return state
 

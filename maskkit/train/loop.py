@@ -176,6 +176,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 group["lr"] = lr
             epoch = step // sampler.steps_per_epoch
             step_loss = torch.zeros((), device=info.device)
+            logs = {}
             for micro in range(tcfg.accumulation_steps):
                 batch = next(batches)
                 skipped_total += int(batch.pop("skipped"))
@@ -189,7 +190,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                     loss = out.loss / tcfg.accumulation_steps
                 loss.backward()
                 step_loss += loss.detach()
+                logs = out.logs
                 images_seen += batch["images"].shape[0] * info.world_size
+            if not logs and not info.enabled:
+                log.warning("step %d: every image of the batch was unreadable; no update", step)
+                bar.update(1)
+                continue
             step_loss = distributed.all_reduce_mean(step_loss)
             loss_value = float(step_loss)
             if not math.isfinite(loss_value):
@@ -206,7 +212,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             if info.is_main and (done % tcfg.log_every == 0 or done == end_step):
                 elapsed = time.perf_counter() - tic
                 row = {"step": done, "loss": loss_value, "lr": lr, "images_per_s": images_seen / max(elapsed, 1e-9)}
-                row.update({k: float(v) for k, v in out.logs.items() if k != "loss"})
+                row.update({k: float(v) for k, v in logs.items() if k != "loss"})
                 if cfg.optim.clip_grad > 0:
                     row["grad_norm"] = float(grad_norm)
                 if skipped_total:
