@@ -174,8 +174,8 @@ class ImageFolder(Dataset):
                 rank_in_class.append(seen.get(label, 0))
                 seen[label] = rank_in_class[-1] + 1
             keep = [(r % period == 0) == (split == "test") if period else split == "train" for r in rank_in_class]
-            files = [f for f, k in zip(files, keep) if k]
-            labels = [lab for lab, k in zip(labels, keep) if k]
+            files = [f for f, k in zip(files, keep, strict=True) if k]
+            labels = [lab for lab, k in zip(labels, keep, strict=True) if k]
         self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
         self.image_size, self.channels, self.strict = image_size, channels, strict
         self.num_classes = len(self.classes)
