@@ -7,6 +7,7 @@ traceback instead.
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -86,7 +87,8 @@ def run(args) -> int:
         cfg = configs.load_config(args.config, args.overrides)
         out = Path(args.out or Path("runs") / cfg.name)
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-        print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")
         return 0
     if args.command == "eval":
         from maskkit.eval.run import evaluate
