@@ -200,7 +200,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             loss_value = float(step_loss)
             if not math.isfinite(loss_value):
                 latest = run_dir / "checkpoints" / "latest"
-                kept = f"the last good checkpoint is {checkpoint.find_checkpoint(run_dir)}" if latest.exists() else "no checkpoint was written yet"
+                kept = (f"the last good checkpoint is {checkpoint.find_checkpoint(run_dir)}" if latest.exists()
+                        else "no checkpoint was written yet")
                 raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, {kept}")
             if cfg.optim.clip_grad > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
@@ -226,7 +227,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 images_seen, tic = 0, time.perf_counter()
             if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step):
                 checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict, tcfg.keep_checkpoints)
-            distributed.barrier()
         step = end_step
     finally:
         bar.close()
