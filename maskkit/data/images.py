@@ -179,6 +179,7 @@ class ImageFolder(Dataset):
         self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
         self.image_size, self.channels, self.strict = image_size, channels, strict
         self.num_classes = len(self.classes)
+        self.reported: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -193,7 +194,9 @@ class ImageFolder(Dataset):
         except (OSError, UnidentifiedImageError, ValueError) as error:
             if self.strict:
                 raise MaskkitError(f"unreadable image {path}: {error} (data.strict=false skips such files)") from None
-            log.warning("skipping unreadable image %s: %s", path, error)
+            if path not in self.reported:  # once per file, not once per epoch
+                self.reported.add(path)
+                log.warning("skipping unreadable image %s: %s", path, error)
             return None
         image = torch.from_numpy(array)
         image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
@@ -230,15 +233,24 @@ def build_image_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     return Indexed(parts[0] if len(parts) == 1 else ConcatDataset(parts))
 
 
+def labelled_name(name: str) -> str:
+    """The labelled member of `data.name` (digits or folder); for a mixture such as photos+digits, its one."""
+    labelled = [part for part in name.split("+") if part in ("digits", "folder")]
+    if len(labelled) != 1:
+        raise MaskkitError(
+            f"data.name={name!r} has no single labelled data set; evaluate with data.name=digits "
+            "or data.name=folder data.path=DIR (class sub-folders)"
+        )
+    return labelled[0]
+
+
 def labelled_dataset(cfg: DataConfig, split: str) -> Dataset:
     """The labelled set used by evaluation: digits, or a folder with class sub-folders."""
-    if cfg.name == "folder":
+    if labelled_name(cfg.name) == "folder":
         dataset = ImageFolder(cfg.path, cfg.image_size, cfg.in_channels, split, cfg.eval_split, cfg.strict)
         if not dataset.classes:
             raise MaskkitError(f"data.path: {cfg.path} has no class sub-folders, so it has no labels to evaluate on")
         return Indexed(dataset)
-    if cfg.name != "digits":
-        raise MaskkitError(f"data.name={cfg.name!r} has no labels; evaluate with data.name=digits or a labelled folder")
     return Indexed(Digits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
 
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from maskkit.config import Config, apply_overrides, build_dataclass, config_from_dict, config_to_dict, load_config
 from maskkit.data.augment import ImageAugment
-from maskkit.data.images import labelled_dataset
+from maskkit.data.images import labelled_dataset, labelled_name
 from maskkit.errors import MaskkitError
 from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune
@@ -139,7 +139,7 @@ def evaluate_backbones(
     backbones = {"pretrained": copy.deepcopy(backbone).to(device), "random_init": random_init.to(device)}
     ecfg = cfg.eval
     sizes = {"num_train": len(train_set), "num_test": len(test_set)}
-    results = {protocol: {"protocol": protocol, "dataset": cfg.data.name, **sizes} for protocol in protocols}
+    results = {protocol: {"protocol": protocol, "dataset": labelled_name(cfg.data.name), **sizes} for protocol in protocols}
     for name, model in backbones.items():
         features = None  # (train_f, train_y, test_f, test_y), computed once for kNN and the probe together
         for protocol in protocols:

@@ -61,8 +61,10 @@ def test_folder_errors_name_the_path(tmp_path):
         ImageFolder(str(tmp_path / "empty"), 16)
     with pytest.raises(MaskkitError, match="unknown data set 'imagenet'"):
         build_image_dataset(DataConfig(name="imagenet"))
-    with pytest.raises(MaskkitError, match="no labels"):
+    with pytest.raises(MaskkitError, match="no single labelled data set"):
         labelled_dataset(DataConfig(name="photos"), "train")
+    # A mixture is evaluated on its labelled member.
+    assert len(labelled_dataset(DataConfig(name="photos+digits"), "test")) == 540
 
 
 def test_folder_split_is_disjoint_and_labelled(tmp_path):
