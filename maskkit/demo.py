@@ -70,12 +70,13 @@ def plot_comparison(summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     positions = range(len(PROTOCOLS))
-    ax.bar([p - 0.2 for p in positions], [summary[p]["random_init"] for p in PROTOCOLS], 0.4, label="random init")
-    ax.bar([p + 0.2 for p in positions], [summary[p]["pretrained"] for p in PROTOCOLS], 0.4, label="MAE")
+    for offset, key, label in ((-0.2, "random_init", "random init"), (0.2, "pretrained", "MAE")):
+        bars = ax.bar([p + offset for p in positions], [summary[p][key] for p in PROTOCOLS], 0.4, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_xticks(list(positions), ["kNN", "linear probe"])
     ax.set_ylabel("digits test accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, 1.1)
+    ax.legend(loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
