@@ -1,0 +1,20 @@
+import json
+
+from maskkit.demo import demo
+
+
+def test_demo_pipeline_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    """`maskkit demo` wiring: pretrain, compare with random init, write figures and numbers, resume."""
+    overrides = ["train.steps=3", "train.batch_size=32", "data.photo_crops=64", "model.encoder.depth=1",
+                 "model.decoder_depth=1", "eval.probe_epochs=2"]
+    summary = demo(tmp_path / "demo", overrides, progress=False)
+    for name in ("demo.json", "accuracy.png", "loss_curve.png", "reconstruction.png", "backbone.safetensors"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == summary
+    assert summary["steps"] == 3
+    for protocol in ("knn", "linear"):
+        assert 0.0 < summary[protocol]["random_init"] <= 1.0 and 0.0 < summary[protocol]["pretrained"] <= 1.0
+    assert "kNN (k=20, T=0.07)" in capsys.readouterr().out
+    # Run again: training is complete, so it only evaluates, with the same numbers.
+    again = demo(tmp_path / "demo", overrides, progress=False)
+    assert {k: again[k] for k in ("knn", "linear")} == {k: summary[k] for k in ("knn", "linear")}
