@@ -174,6 +174,13 @@ def validate(cfg: Config, source: str = "config") -> None:
             )
         if encoder.in_channels != cfg.data.in_channels:
             raise MaskkitError(f"{source}: model.encoder.in_channels differs from data.in_channels")
+    mask_ratio = getattr(cfg.model, "mask_ratio", None)
+    if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
+        raise MaskkitError(f"{source}: model.mask_ratio must be in [0, 1), got {mask_ratio}")
+    widths = {"model.encoder.dim": getattr(encoder, "dim", None), "model.decoder_dim": getattr(cfg.model, "decoder_dim", None)}
+    for key, width in widths.items():
+        if width is not None and width % 4:
+            raise MaskkitError(f"{source}: {key}={width} must be divisible by 4 (2D sin-cos positions)")
     channels = cfg.data.in_channels
     if len(cfg.data.mean) != channels or len(cfg.data.std) != channels:
         raise MaskkitError(f"{source}: data.mean and data.std need one value per channel ({channels})")

@@ -33,6 +33,8 @@ def tiny_yaml(tmp_path):
         (["train", "mae/tiny", "train.steps=many"], "key 'train.steps' expects int, got 'many'"),
         (["train", "mae/tiny", "optim.learning_rate=1"], "unknown key 'optim.learning_rate'; valid keys under optim: base_lr"),
         (["validate", "mae/tiny", "method=mea"], "unknown method 'mea'"),
+        (["validate", "mae/tiny", "model.mask_ratio=1.0"], "model.mask_ratio must be in [0, 1), got 1.0"),
+        (["validate", "mae/tiny", "model.decoder_dim=30"], "model.decoder_dim=30 must be divisible by 4"),
         (["eval", "/no/such/run"], "/no/such/run does not exist"),
     ],
 )
