@@ -156,7 +156,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     if resume:
         checkpoint.restore_rng(found)
 
-    model = DistributedDataParallel(method) if info.enabled else method
+    model = method
+    if info.enabled:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = DistributedDataParallel(method, device_ids=device_ids)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
                 else contextlib.nullcontext())
     metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
