@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from maskkit.config import apply_overrides, config_from_dict, config_to_dict, load_config
+from maskkit.config import load_config
 from maskkit.eval.run import evaluate_backbones, load_backbone
 from maskkit.train.checkpoint import atomic_write_text
 from maskkit.train.loop import train
@@ -30,9 +30,8 @@ def demo(out_dir: Path, overrides: list[str] = (), progress: bool = True) -> dic
     train_seconds = time.perf_counter() - start
 
     backbone, run_cfg = load_backbone(out_dir)
-    eval_cfg = config_from_dict(apply_overrides(config_to_dict(run_cfg), ["data.name=digits"]), source="demo")
     log.info("evaluating on digits (kNN and linear probe), pretrained vs random init")
-    results = evaluate_backbones(backbone, eval_cfg, PROTOCOLS, seed=cfg.train.seed, progress=progress)
+    results = evaluate_backbones(backbone, run_cfg, PROTOCOLS, seed=cfg.train.seed, progress=progress)
 
     summary = {
         "steps": result.final_step,

@@ -47,11 +47,15 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
     return x.reshape(batch, channels, side * patch_size, side * patch_size)
 
 
+def patch_statistics(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, 1) mean and std of each patch; the std is unbiased, with eps added to the variance."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
+
+
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-patch normalised target (Sec 3): subtract the patch mean, divide by its (unbiased) std."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps) ** 0.5
+    mean, std = patch_statistics(patches, eps)
+    return (patches - mean) / std
 
 
 class MAE(Method):
@@ -138,8 +142,7 @@ class MAE(Method):
         pred, mask = out.extras["pred"].float(), out.extras["mask"]
         patches = patchify(images.float(), self.patch_size)
         if self.cfg.norm_pix_loss:
-            mean = patches.mean(dim=-1, keepdim=True)
-            std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            mean, std = patch_statistics(patches)
             pred = pred * std + mean
         pasted = pred * mask.unsqueeze(-1) + patches * (1 - mask.unsqueeze(-1))
         channels = images.shape[1]

@@ -158,16 +158,15 @@ def load_weights(method, checkpoint: Path) -> dict:
     return state
 
 
-def load_training_state(optimizer, checkpoint: Path, state: dict) -> int:
-    """Restore optimizer moments; returns the step to continue from."""
+def load_training_state(optimizer, checkpoint: Path, state: dict) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore optimizer moments; returns the step to continue from and the saved RNG states."""
     tensors = _load_safetensors(checkpoint / "optimizer.safetensors")
     _restore_optimizer(optimizer, tensors, state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), {k: v for k, v in tensors.items() if k.startswith("rng.")}
 
 
-def restore_rng(checkpoint: Path) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     """Restore the global generators (call it last: building a DataLoader iterator draws from them)."""
-    tensors = _load_safetensors(checkpoint / "optimizer.safetensors")
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():

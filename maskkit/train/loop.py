@@ -131,11 +131,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
     optimizer = build_optimizer(method, cfg.optim, peak_lr)
 
-    start_step = 0
+    start_step, rng_state = 0, None
     if resume:
         found = checkpoint.find_checkpoint(run_dir)
         state = checkpoint.load_weights(method, found)
-        start_step = checkpoint.load_training_state(optimizer, found, state)
+        start_step, rng_state = checkpoint.load_training_state(optimizer, found, state)
         if info.is_main:
             log.info("resumed from %s at step %d", found, start_step)
     elif (run_dir / "checkpoints" / "latest").exists():
@@ -153,8 +153,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                         pin_memory=info.device.type == "cuda")
     batches = iter(loader)
-    if resume:
-        checkpoint.restore_rng(found)
+    if rng_state is not None:
+        checkpoint.restore_rng(rng_state)
 
     model = method
     if info.enabled:
