@@ -5,7 +5,6 @@ traceback instead.
 """
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -48,8 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may also come after options (`--out runs/x train.steps=2`)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [arg for arg in extra if "=" not in arg or arg.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"{args.command} takes no key=value overrides: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return run(args)
@@ -61,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("maskkit: interrupted; checkpoints already written are intact (continue with --resume)", file=sys.stderr)
         return 130
+
+
+def format_eval(result: dict) -> str:
+    """A short table of one protocol's result (the full record is in eval.json)."""
+    pretrained, random_init = result["pretrained"], result["random_init"]
+    return "\n".join([
+        f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test images)",
+        f"  {'pretrained':<12} {pretrained:.3f}",
+        f"  {'random init':<12} {random_init:.3f}",
+        f"  {'gain':<12} {pretrained - random_init:+.3f}",
+        f"checkpoint {result['checkpoint']}; recorded in {result['eval_json']}",
+    ])
 
 
 def run(args) -> int:
@@ -86,6 +111,10 @@ def run(args) -> int:
 
         cfg = configs.load_config(args.config, args.overrides)
         out = Path(args.out or Path("runs") / cfg.name)
+        if args.resume:
+            # A resumed run trains the config it was started with; overrides may only restate it or change
+            # how it runs (train.threads, ...), which `train` checks.
+            cfg = configs.resume_config(out, args.overrides)
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")
@@ -94,7 +123,7 @@ def run(args) -> int:
         from maskkit.eval.run import evaluate
 
         result = evaluate(args.path, args.protocol, args.overrides, device=args.device)
-        print(json.dumps(result, indent=1))
+        print(format_eval(result))
         return 0
     if args.command == "demo":
         from maskkit.demo import demo

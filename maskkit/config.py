@@ -41,6 +41,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
+    init_from: str = ""              # a run or checkpoint whose weights start this (new) run; "" = random init
 
 
 @dataclass
@@ -199,6 +200,29 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise MaskkitError(f"{source}: eval.pool must be cls or mean, got {cfg.eval.pool!r}")
 
 
+# Keys that say where and how a run executes, not what it computes: a resumed run may change them.
+RUNTIME_KEYS = ("train.device", "train.threads", "data.num_workers", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints")
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every key outside RUNTIME_KEYS whose value differs."""
+    saved, new = flatten(saved), flatten(new)
+    return [(key, saved.get(key), new.get(key)) for key in sorted(set(saved) | set(new))
+            if key not in RUNTIME_KEYS and saved.get(key) != new.get(key)]
+
+
 def resolve_recipe(name_or_path: str) -> Path:
     """A path to a YAML file, or a recipe name such as `mae/tiny` from the bundled configs."""
     path = Path(name_or_path).expanduser()
@@ -219,6 +243,22 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
     if not isinstance(values, dict):
         raise MaskkitError(f"{path}: expected a mapping of config sections at the top level")
     return config_from_dict(apply_overrides(values, list(overrides)), source=str(path))
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a run was started with (from its latest checkpoint), with `overrides` applied."""
+    import copy
+
+    from maskkit.train.checkpoint import find_checkpoint, read_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints" / "latest").is_file():
+        raise MaskkitError(f"no checkpoint in {run_dir} to resume from; start the run without --resume")
+    found = find_checkpoint(run_dir)
+    saved = read_state(found).get("config")
+    if not isinstance(saved, dict):
+        raise MaskkitError(f"{found / 'state.json'} holds no config to resume with")
+    return config_from_dict(apply_overrides(copy.deepcopy(saved), list(overrides)), source=str(found / "state.json"))
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -1,14 +1,17 @@
 """Image data sets that need no download: `digits`, `photos`, `folder`, and mixtures ("photos+digits").
 
 Every item is a dict: "images" (C, H, W) float in [0, 1] at `image_size`, "label" (int, -1 when the
-set has none) and "index" (the position the sampler asked for, from which per-sample randomness is
-seeded). Augmentation happens later, batched (see `augment.py`).
+set has none), and, once wrapped in `Indexed`, "index" and "epoch" (from which per-sample randomness is
+seeded). A file that cannot be decoded comes back as `Unreadable` and `collate` drops it, listing its
+path. Augmentation happens later, batched (see `augment.py`).
 """
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -92,6 +95,24 @@ class Digits(Dataset):
         return {"images": self.images[i], "label": self.labels[i]}
 
 
+@functools.lru_cache(maxsize=2)
+def load_photos(channels: int) -> tuple[torch.Tensor, ...]:
+    """The sample photographs as (channels, H, W) tensors in [0, 1], at most 256 px on the short side."""
+    import skimage.data
+
+    photos = []
+    for name in PHOTO_NAMES:
+        array = np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0
+        photo = torch.from_numpy(array)
+        photo = photo.unsqueeze(0) if photo.ndim == 2 else photo.permute(2, 0, 1)
+        photo = to_channels(photo, channels)
+        # Keep at most 256 px on the short side: crops are small, and memory stays ~10 MB.
+        if min(photo.shape[1:]) > 256:
+            photo = resize(photo, 256) if photo.shape[1] == photo.shape[2] else _shrink(photo, 256)
+        photos.append(photo)
+    return tuple(photos)
+
+
 class PhotoCrops(Dataset):
     """Random crops of scikit-image's sample photographs: natural-image statistics with no download.
 
@@ -100,18 +121,7 @@ class PhotoCrops(Dataset):
     """
 
     def __init__(self, num_crops: int, image_size: int, channels: int = 3, seed: int = 0):
-        import skimage.data
-
-        self.photos = []
-        for name in PHOTO_NAMES:
-            array = np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0
-            photo = torch.from_numpy(array)
-            photo = photo.unsqueeze(0) if photo.ndim == 2 else photo.permute(2, 0, 1)
-            photo = to_channels(photo, channels)
-            # Keep at most 256 px on the short side: crops are small, and memory stays ~10 MB.
-            if min(photo.shape[1:]) > 256:
-                photo = resize(photo, 256) if photo.shape[1] == photo.shape[2] else _shrink(photo, 256)
-            self.photos.append(photo)
+        self.photos = load_photos(channels)
         self.num_crops, self.image_size, self.seed = num_crops, image_size, seed
 
     def __len__(self) -> int:
@@ -138,11 +148,48 @@ def _shrink(photo: torch.Tensor, short_side: int) -> torch.Tensor:
     return F.interpolate(photo[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-class ImageFolder(Dataset):
-    """A directory of images; one sub-folder per class when there are sub-folders, else unlabelled.
+class Unreadable(NamedTuple):
+    """What a data set returns for a file it cannot decode; `collate` drops it and lists its path."""
 
-    Unreadable images are reported by path and skipped (the batch is one shorter and the loop counts
-    them), or raise MaskkitError in strict mode.
+    path: str
+    reason: str
+
+
+_REPORTED: set[str] = set()   # unreadable files already reported by this process: each is named once
+
+
+def report_unreadable(path: str, reason: str) -> None:
+    if path not in _REPORTED:
+        _REPORTED.add(path)
+        log.warning("skipping unreadable image %s: %s", path, reason)
+
+
+def held_out(count: int, fraction: float) -> list[bool]:
+    """Which of `count` items (in order) are held out: exactly round(count * fraction), spread evenly."""
+    return [math.floor((r + 1) * fraction + 0.5) > math.floor(r * fraction + 0.5) for r in range(count)]
+
+
+def _open_error(path: Path, decode: bool) -> str | None:
+    """None if PIL can open `path` (and, with `decode`, decode all of it), else the reason it cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if decode:
+                image.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+class ImageFolder(Dataset):
+    """A directory of images: either one sub-folder per class, or images at the top level (unlabelled).
+
+    Every file's header is read once when the set is built: files PIL cannot open are reported by
+    path (once each) and left out, so lengths count readable images; a set in which no image can be
+    decoded fails here, before any training. A file that opens but does not decode (a truncated JPEG)
+    is reported when it is read and skipped by `collate`. `strict` turns every unreadable file into an
+    error instead.
     """
 
     def __init__(self, root: str, image_size: int, channels: int = 3, split: str = "all",
@@ -153,58 +200,98 @@ class ImageFolder(Dataset):
         if not path.is_dir():
             raise MaskkitError(f"data.path: {path} does not exist or is not a directory")
         class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        loose = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if class_dirs and loose:
+            raise MaskkitError(
+                f"data.path: {path} has {len(loose)} images at its top level next to class sub-folders "
+                f"({', '.join(d.name for d in class_dirs[:3])}{', ...' if len(class_dirs) > 3 else ''}); move the "
+                "loose images into a sub-folder (or the sub-folders out) so that every image has a class or none does"
+            )
         files, labels = [], []
         if class_dirs:
             self.classes = [d.name for d in class_dirs]
             for label, directory in enumerate(class_dirs):
-                found = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                found = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
                 files += found
                 labels += [label] * len(found)
         else:
             self.classes = []
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            labels = [-1] * len(files)
+            files, labels = loose, [-1] * len(loose)
         if not files:
             raise MaskkitError(f"data.path: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {path}")
-        if split != "all":
-            # A fixed split: every k-th file of each class is held out.
-            period = max(2, round(1 / eval_split)) if eval_split > 0 else 0
-            rank_in_class, seen = [], {}
-            for label in labels:
-                rank_in_class.append(seen.get(label, 0))
-                seen[label] = rank_in_class[-1] + 1
-            keep = [(r % period == 0) == (split == "test") if period else split == "train" for r in rank_in_class]
-            files = [f for f, k in zip(files, keep, strict=True) if k]
-            labels = [lab for lab, k in zip(labels, keep, strict=True) if k]
-        self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
+        self.unreadable = self._check_readable(path, files, strict)
+        if split != "all" and self.classes:
+            # A fixed split of each class: exactly round(n_c * eval_split) of its files are held out. An
+            # unlabelled folder has nothing to evaluate on, so all of it is training data.
+            by_class: dict[int, list[int]] = {}
+            for position, label in enumerate(labels):
+                by_class.setdefault(label, []).append(position)
+            test = set()
+            for positions in by_class.values():
+                test.update(p for p, out in zip(positions, held_out(len(positions), eval_split), strict=True) if out)
+            chosen = [p for p in range(len(files)) if (p in test) == (split == "test")]
+            files, labels = [files[p] for p in chosen], [labels[p] for p in chosen]
+        # Left out only after the split, so a broken file does not move others between train and test.
+        kept = [(f, lab) for f, lab in zip(files, labels, strict=True) if str(f) not in self.unreadable]
+        if not kept:
+            raise MaskkitError(f"data.path: the {split!r} split of {path} has no readable images (data.eval_split={eval_split})")
+        self.files, self.labels = [f for f, _ in kept], torch.tensor([lab for _, lab in kept], dtype=torch.long)
         self.image_size, self.channels, self.strict = image_size, channels, strict
         self.num_classes = len(self.classes)
-        self.reported: set[Path] = set()
+
+    @staticmethod
+    def _check_readable(root: Path, files: list[Path], strict: bool) -> dict[str, str]:
+        """{path: reason} of the files PIL cannot open; fails unless at least one file decodes."""
+        unreadable = {}
+        for file in files:
+            reason = _open_error(file, decode=False)
+            if reason is not None:
+                if strict:
+                    raise MaskkitError(f"unreadable image {file}: {reason} (data.strict=false skips such files)")
+                unreadable[str(file)] = reason
+        # One complete decode proves the set is not entirely broken (headers can be fine, data truncated).
+        for file in files:
+            if str(file) in unreadable:
+                continue
+            reason = _open_error(file, decode=True)
+            if reason is None:
+                break
+            if strict:
+                raise MaskkitError(f"unreadable image {file}: {reason} (data.strict=false skips such files)")
+            unreadable[str(file)] = reason
+        else:
+            example, reason = next(iter(unreadable.items()))
+            raise MaskkitError(
+                f"data.path: none of the {len(files)} image files under {root} can be read (e.g. {example}: {reason})"
+            )
+        for file, reason in unreadable.items():
+            report_unreadable(file, reason)
+        return unreadable
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> dict | Unreadable:
         from PIL import Image, UnidentifiedImageError
 
         path = self.files[i]
         try:
             with Image.open(path) as image:
                 array = np.asarray(image.convert("RGB" if self.channels == 3 else "L"), dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             if self.strict:
                 raise MaskkitError(f"unreadable image {path}: {error} (data.strict=false skips such files)") from None
-            if path not in self.reported:  # once per file, not once per epoch
-                self.reported.add(path)
-                log.warning("skipping unreadable image %s: %s", path, error)
-            return None
+            return Unreadable(str(path), str(error) or type(error).__name__)
         image = torch.from_numpy(array)
         image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
         return {"images": resize(image, self.image_size), "label": self.labels[i]}
 
 
 class Indexed(Dataset):
-    """Adds "index" to every item, so randomness can be seeded per sample."""
+    """Adds "index" and "epoch" to every item, so randomness can be seeded per sample.
+
+    Items are asked for by index, or by (index, epoch) as `StepSampler` yields them (epoch 0 otherwise).
+    """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -212,9 +299,12 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict | None:
-        item = self.dataset[i]
-        return None if item is None else {**item, "index": torch.tensor(i)}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | Unreadable:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        item = self.dataset[index]
+        if isinstance(item, Unreadable):
+            return item
+        return {**item, "index": torch.tensor(index), "epoch": torch.tensor(epoch)}
 
 
 def build_image_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
@@ -254,15 +344,17 @@ def labelled_dataset(cfg: DataConfig, split: str) -> Dataset:
     return Indexed(Digits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
 
 
-def collate(items: list[dict | None]) -> dict[str, torch.Tensor]:
-    """Stack items into a batch dict, dropping unreadable ones and counting them in "skipped"."""
-    kept = [item for item in items if item is not None]
-    if not kept:
-        return {"skipped": torch.tensor(len(items))}
-    batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]}
-    batch["skipped"] = torch.tensor(len(items) - len(kept))
+def collate(items: list[dict | Unreadable]) -> dict:
+    """Stack items into a batch dict; unreadable items are dropped and their paths listed in "unreadable".
+
+    A batch of only unreadable items has no tensors at all, just "unreadable".
+    """
+    kept = [item for item in items if not isinstance(item, Unreadable)]
+    batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]} if kept else {}
+    batch["unreadable"] = [item.path for item in items if isinstance(item, Unreadable)]
     return batch
 
 
-def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+def batch_size_of(batch: dict) -> int:
+    """The number of readable samples in a collated batch."""
+    return len(batch["index"]) if "index" in batch else 0

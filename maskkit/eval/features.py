@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from maskkit.data.images import collate
+from maskkit.data.images import batch_size_of, collate
 from maskkit.errors import MaskkitError
 
 
@@ -33,7 +33,7 @@ def extract_features(
     features, labels = [], []
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-            if "images" not in batch:
+            if not batch_size_of(batch):
                 continue  # every image of this batch was unreadable
             images = normalize(batch["images"].to(device))                     # (B, C, H, W)
             features.append(backbone.features(images, pool).float().cpu())     # (B, D)

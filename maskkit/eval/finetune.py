@@ -9,6 +9,7 @@ MAE fine-tunes on the average of the patch tokens ("global pooling"); `pool` cho
 
 import copy
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from maskkit.config import OptimConfig
 from maskkit.data.augment import ImageAugment
-from maskkit.data.images import collate
+from maskkit.data.images import batch_size_of, collate
 from maskkit.eval.features import extract_features
 from maskkit.nn.masking import sample_seed
 from maskkit.nn.transformer import ViT
@@ -73,16 +74,17 @@ def finetune(
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     total_steps = epochs * steps_per_epoch
     schedule = OptimConfig(warmup_steps=int(WARMUP_FRACTION * total_steps), min_lr=0.0)
-    bar = tqdm(total=total_steps, desc="finetune", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="finetune", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
     step = 0
     for epoch in range(epochs):
         # The order of epoch e, like the crops, depends only on (seed, epoch): same run, same result.
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -1)))
         batches = [chunk.tolist() for chunk in order.split(batch_size)]
         for batch in DataLoader(train_set, batch_sampler=batches, collate_fn=collate):
-            batch.pop("skipped")
-            if "images" in batch:  # else every image of this batch was unreadable
-                batch = prepare_batch(batch, augment, seed, epoch, device)   # crop, flip, normalise
+            batch.pop("unreadable")
+            if batch_size_of(batch):  # else every image of this batch was unreadable
+                batch["epoch"] = torch.full_like(batch["index"], epoch)
+                batch = prepare_batch(batch, augment, seed, device)   # crop, flip, normalise
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, lr, schedule)
                 loss = F.cross_entropy(model(batch["images"]), batch["label"], label_smoothing=LABEL_SMOOTHING)

@@ -111,7 +111,12 @@ def _check_protocol(protocol: str) -> None:
 
 def _device(name: str | torch.device) -> torch.device:
     # pick_device knows auto / cpu / cuda (and fails clearly without CUDA); anything else is torch's to parse.
-    return pick_device(name) if name in ("auto", "cpu", "cuda") else torch.device(name)
+    if name in ("auto", "cpu", "cuda"):
+        return pick_device(name, setting="--device")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MaskkitError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
 
 
 def evaluate_backbones(
@@ -155,6 +160,8 @@ def evaluate_backbones(
                     *extract_features(model, train_set, augment.normalize, ecfg.pool, ecfg.batch_size, device),
                     *extract_features(model, test_set, augment.normalize, ecfg.pool, ecfg.batch_size, device),
                 )
+            # Counted from the features: images that could not be decoded are not in them.
+            results[protocol].update(num_train=len(features[1]), num_test=len(features[3]))
             if protocol == "knn":
                 results[protocol][name] = knn_accuracy(
                     *features, k=ecfg.knn_k, temperature=ecfg.knn_temperature, num_classes=num_classes
@@ -207,6 +214,7 @@ def evaluate(
     except json.JSONDecodeError:
         recorded = {}
     recorded = recorded if isinstance(recorded, dict) else {}
+    result["eval_json"] = str(path)
     recorded[protocol] = result
     atomic_write_text(path, json.dumps(recorded, indent=1) + "\n")
     return result

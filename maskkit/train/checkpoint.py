@@ -6,8 +6,9 @@
     RUN/checkpoints/latest                             name of the newest complete checkpoint
 
 A checkpoint directory is filled under a temporary name and renamed when complete, and `latest` is
-replaced with os.replace, so a crash at any moment leaves every earlier checkpoint intact. Nothing is
-ever unpickled.
+replaced with os.replace, so a crash at any moment leaves every earlier checkpoint intact. Temporaries
+carry the writer's PID; those of processes that are no longer alive are removed when a run starts
+(`remove_stale_temporaries`). Nothing is ever unpickled.
 """
 
 import json
@@ -23,6 +24,44 @@ from safetensors.torch import load_file, save_file
 from maskkit.errors import MaskkitError
 
 FORMAT_VERSION = 1
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a finished file the mode `open()` would (0644 under the usual umask): safetensors writes 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove `*.tmp-PID` files and `.tmp-*-PID` directories left by processes that died while writing."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if not path.name.startswith(".") or "tmp-" not in path.name:
+                continue
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,8 +100,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it."""
+def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2,
+                    loss: float | None = None) -> Path:
+    """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it.
+
+    `loss` is the training loss of the last step, so resuming a finished run can report it.
+    """
     directory = Path(run_dir) / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -71,14 +114,16 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
     save_file(weights, tmp / "model.safetensors", metadata={"method": method.name})
+    publish_mode(tmp / "model.safetensors")
     optim_tensors, optim_meta = _optimizer_tensors(optimizer)
     optim_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, rng in enumerate(torch.cuda.get_rng_state_all()):
             optim_tensors[f"rng.cuda.{i}"] = rng
     save_file(optim_tensors, tmp / "optimizer.safetensors")
+    publish_mode(tmp / "optimizer.safetensors")
     state = {"format": FORMAT_VERSION, "method": method.name, "step": step, "time": time.time(),
-             "optimizer": optim_meta, "config": config}
+             "loss": loss, "optimizer": optim_meta, "config": config}
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     final = directory / name
     if final.exists():
@@ -179,5 +224,6 @@ def export_backbone(backbone, config: dict, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     save_file(weights, tmp, metadata={"config": json.dumps(config)})
+    publish_mode(tmp)
     os.replace(tmp, path)
     return path

@@ -27,12 +27,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+def pick_device(preference: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """`setting` names where the choice came from (a config key or a command-line option) for the error."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             from maskkit.errors import MaskkitError
 
-            raise MaskkitError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+            joiner = " " if setting.startswith("--") else "="
+            raise MaskkitError(f"{setting}{joiner}cuda but no CUDA device is visible; use {setting}{joiner}cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -74,6 +76,24 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x / dist.get_world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, without gradient (e.g. sample counts that every rank must agree on)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def union_of_sets(items: set[str]) -> set[str]:
+    """The union of a set of strings over ranks (e.g. the paths of unreadable files each rank met)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return set(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(items))
+    return set().union(*gathered)
 
 
 def barrier() -> None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from maskkit.config import Config, config_to_dict, save_config
+from maskkit.config import Config, config_changes, config_to_dict, save_config
 from maskkit.data.augment import ImageAugment
-from maskkit.data.images import build_image_dataset, collate
+from maskkit.data.images import batch_size_of, build_image_dataset, collate, report_unreadable
 from maskkit.errors import MaskkitError
 from maskkit.methods import METHODS, Method
 from maskkit.nn.masking import sample_seed
 from maskkit.train import checkpoint, distributed
+from maskkit.train.metrics import plot_loss_curve, start_metrics
 from maskkit.train.optim import build_optimizer, lr_at, peak_learning_rate
 
 log = logging.getLogger("maskkit")
@@ -39,15 +41,17 @@ def build_method(cfg: Config) -> Method:
 class StepSampler(Sampler):
     """Yields the micro-batches of this rank, step after step, from `start_step` on.
 
-    Step s of epoch e takes the global batch perm_e[s*G:(s+1)*G] (a fixed permutation per epoch, the
-    incomplete tail dropped); rank r takes its contiguous share and cuts it into micro-batches. The
-    union over ranks and micro-batches is the same global batch for any number of ranks.
+    The samples form one endless stream, perm_0 ++ perm_1 ++ ..., where perm_e is epoch e's own
+    permutation of the data set; step s takes the global batch stream[s*G : (s+1)*G], so every sample
+    is seen exactly once per epoch (a batch may straddle two epochs). Rank r takes its contiguous share
+    of the global batch and cuts it into micro-batches, so the union over ranks and micro-batches is
+    the same global batch for any number of ranks. Each item is (sample index, epoch): per-sample
+    randomness is seeded by both.
     """
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int,
                  accumulation_steps: int, seed: int, start_step: int = 0):
-        self.steps_per_epoch = num_samples // global_batch
-        if self.steps_per_epoch == 0:
+        if global_batch > num_samples:
             raise MaskkitError(f"train.batch_size={global_batch} is larger than the data set ({num_samples} samples)")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation_steps
@@ -56,19 +60,32 @@ class StepSampler(Sampler):
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1)))
 
+    def epoch_of(self, step: int) -> float:
+        """The (fractional) number of passes over the data set before `step`."""
+        return step * self.global_batch / self.num_samples
+
+    def items(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(sample index, epoch) of stream positions [start, stop)."""
+        out, position = [], start
+        while position < stop:
+            epoch, offset = divmod(position, self.num_samples)
+            if self._cached_epoch != epoch:
+                self._cached_epoch, self._cached_perm = epoch, self.permutation(epoch).tolist()
+            end = min(stop, (epoch + 1) * self.num_samples)
+            out += [(index, epoch) for index in self._cached_perm[offset : offset + end - position]]
+            position = end
+        return out
+
     def __iter__(self):
-        step = self.start_step
+        self._cached_epoch, self._cached_perm = -1, []
         per_rank = self.global_batch // self.world_size
         micro = per_rank // self.accumulation
+        step = self.start_step
         while True:
-            epoch, position = divmod(step, self.steps_per_epoch)
-            perm = self.permutation(epoch)
-            while position < self.steps_per_epoch:
-                start = position * self.global_batch + self.rank * per_rank
-                share = perm[start : start + per_rank]
-                for m in range(self.accumulation):
-                    yield share[m * micro : (m + 1) * micro].tolist()
-                position += 1
+            start = step * self.global_batch + self.rank * per_rank
+            for m in range(self.accumulation):
+                yield self.items(start + m * micro, start + (m + 1) * micro)
+            step += 1
 
     def __len__(self) -> int:  # an endless stream; DataLoader only needs a number
         return 2**31
@@ -90,25 +107,16 @@ def _metrics_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
+def check_resume_config(cfg: Config, saved: dict, run_dir: Path) -> None:
+    """A resumed run trains the config it was started with; only RUNTIME_KEYS may differ."""
+    changes = config_changes(saved, config_to_dict(cfg))
+    if changes:
+        key, old, new = changes[0]
+        raise MaskkitError(
+            f"--resume continues {run_dir} with the config it was started with, but {key}={new!r} differs from "
+            f"the run's {old!r}; to train from these weights with another config, start a new run: "
+            f"maskkit train CONFIG train.init_from={run_dir} --out NEW_DIR"
+        )
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: int | None = None,
@@ -131,19 +139,32 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
     optimizer = build_optimizer(method, cfg.optim, peak_lr)
 
-    start_step, rng_state = 0, None
+    start_step, rng_state, final_loss = 0, None, math.nan
     if resume:
+        if not (run_dir / "checkpoints" / "latest").exists():
+            raise MaskkitError(f"no checkpoint in {run_dir} to resume from; start the run without --resume")
         found = checkpoint.find_checkpoint(run_dir)
+        check_resume_config(cfg, checkpoint.read_state(found).get("config") or {}, run_dir)
         state = checkpoint.load_weights(method, found)
         start_step, rng_state = checkpoint.load_training_state(optimizer, found, state)
+        final_loss = state.get("loss") if state.get("loss") is not None else math.nan
         if info.is_main:
             log.info("resumed from %s at step %d", found, start_step)
-    elif (run_dir / "checkpoints" / "latest").exists():
-        raise MaskkitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    else:
+        if (run_dir / "checkpoints" / "latest").exists():
+            raise MaskkitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if tcfg.init_from:
+            found = checkpoint.find_checkpoint(tcfg.init_from)
+            checkpoint.load_weights(method, found)
+            if info.is_main:
+                log.info("initialised the weights from %s", found)
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        for stale in checkpoint.remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by a process that died while writing it", stale)
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
     config_dict = config_to_dict(cfg)
 
     dataset = build_image_dataset(cfg.data, "train")
@@ -162,98 +183,159 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
         model = DistributedDataParallel(method, device_ids=device_ids)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
                 else contextlib.nullcontext())
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    metrics_file = start_metrics(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
     writer = _metrics_writer(run_dir) if info.is_main else None
     end_step = min(tcfg.steps, stop_at_step) if stop_at_step is not None else tcfg.steps
-    bar = tqdm(total=tcfg.steps, initial=start_step, disable=not (progress and info.is_main),
-               desc=f"{cfg.method} {cfg.name}", dynamic_ncols=True)
-    skipped_total, images_seen, tic = 0, 0, time.perf_counter()
-    loss_value = math.nan
+    progress = Progress(f"{cfg.method} {cfg.name}", start_step, tcfg.steps, enabled=progress and info.is_main)
+    unreadable: set[str] = set()
+    images_seen, tic = 0, time.perf_counter()
     method.train()
     step = start_step
-    last_batch = None
+    last_batch = None   # this rank's last readable micro-batch (raw): the figures, and a stand-in (see below)
     try:
         for step in range(start_step, end_step):
             lr = lr_at(step, tcfg.steps, peak_lr, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            epoch = step // sampler.steps_per_epoch
+            micro_batches = [next(batches) for _ in range(tcfg.accumulation_steps)]
+            for batch in micro_batches:
+                for path in batch.pop("unreadable"):
+                    if path not in unreadable:
+                        unreadable.add(path)
+                        report_unreadable(path, "cannot be decoded")
+            # Readable samples per micro-batch on this rank, and over all ranks: every rank makes the same
+            # decisions from them (which micro-batches run, how losses are weighted), so none waits alone.
+            counts = torch.tensor([batch_size_of(b) for b in micro_batches], dtype=torch.float64)
+            global_counts = distributed.all_reduce_sum(counts.to(info.device)).cpu()
+            total = float(global_counts.sum())
+            running = [m for m in range(tcfg.accumulation_steps) if global_counts[m] > 0]
             step_loss = torch.zeros((), device=info.device)
             logs = {}
-            for micro in range(tcfg.accumulation_steps):
-                batch = next(batches)
-                skipped_total += int(batch.pop("skipped"))
-                if "images" not in batch:
-                    continue  # every image of this micro-batch was unreadable
-                batch = prepare_batch(batch, augment, tcfg.seed, epoch, info.device)
-                last_batch = batch
-                sync = micro == tcfg.accumulation_steps - 1 or not info.enabled
+            for position, m in enumerate(running):
+                batch = micro_batches[m]
+                if counts[m] == 0:
+                    # Unreadable files left this rank's share empty while other ranks have samples: it
+                    # still runs forward/backward (on a stand-in with weight 0) so DDP's all-reduce meets.
+                    batch = last_batch if last_batch is not None else _first_readable(dataset)
+                else:
+                    last_batch = batch
+                prepared = prepare_batch(batch, augment, tcfg.seed, info.device)
+                # The step's loss is the mean over all readable samples of the global batch: DDP averages
+                # gradients over ranks, so this rank's mean loss is weighted by its share of the samples.
+                weight = float(counts[m]) * info.world_size / total
+                sync = position == len(running) - 1 or not info.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                    out = model(batch)
-                    loss = out.loss / tcfg.accumulation_steps
+                    out = model(prepared)
+                    loss = out.loss * weight if weight > 0 else out.loss * 0.0
                 loss.backward()
                 step_loss += loss.detach()
-                logs = out.logs
-                images_seen += batch["images"].shape[0] * info.world_size
-            if not logs and not info.enabled:
-                log.warning("step %d: every image of the batch was unreadable; no update", step)
-                bar.update(1)
-                continue
-            step_loss = distributed.all_reduce_mean(step_loss)
-            loss_value = float(step_loss)
-            if not math.isfinite(loss_value):
-                latest = run_dir / "checkpoints" / "latest"
-                kept = (f"the last good checkpoint is {checkpoint.find_checkpoint(run_dir)}" if latest.exists()
-                        else "no checkpoint was written yet")
-                raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, {kept}")
-            if cfg.optim.clip_grad > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step(step)
+                if weight > 0:
+                    logs = out.logs
+            images_seen += int(total)
             done = step + 1
-            bar.update(1)
-            if info.is_main and (done % tcfg.log_every == 0 or done == end_step):
-                elapsed = time.perf_counter() - tic
-                row = {"step": done, "loss": loss_value, "lr": lr, "images_per_s": images_seen / max(elapsed, 1e-9)}
-                row.update({k: float(v) for k, v in logs.items() if k != "loss"})
+            if not running:
+                if info.is_main:
+                    log.warning("step %d: every image of the batch was unreadable; no update", step)
+            else:
+                step_loss = distributed.all_reduce_mean(step_loss)
+                loss_value = float(step_loss)
+                if not math.isfinite(loss_value):
+                    latest = run_dir / "checkpoints" / "latest"
+                    kept = (f"the last good checkpoint is {checkpoint.find_checkpoint(run_dir)}" if latest.exists()
+                            else "no checkpoint was written yet")
+                    raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, {kept}")
+                final_loss = loss_value
                 if cfg.optim.clip_grad > 0:
-                    row["grad_norm"] = float(grad_norm)
-                if skipped_total:
-                    row["skipped_images"] = skipped_total
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                if writer is not None:
-                    for key, value in row.items():
-                        writer.add_scalar(f"train/{key}", value, done)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.0f}")
-                images_seen, tic = 0, time.perf_counter()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step(step)
+                if info.is_main and (done % tcfg.log_every == 0 or done == end_step):
+                    elapsed = time.perf_counter() - tic
+                    row = {"step": done, "epoch": round(sampler.epoch_of(done), 4), "loss": loss_value, "lr": lr,
+                           "images_per_s": images_seen / max(elapsed, 1e-9)}
+                    row.update({k: float(v) for k, v in logs.items() if k != "loss"})
+                    if cfg.optim.clip_grad > 0:
+                        row["grad_norm"] = float(grad_norm)
+                    if unreadable:
+                        row["unreadable_files"] = len(unreadable)
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    if writer is not None:
+                        for key, value in row.items():
+                            writer.add_scalar(f"train/{key}", value, done)
+                    progress.report(row)
+                    images_seen, tic = 0, time.perf_counter()
+            progress.update(done)
             if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step):
-                checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict, tcfg.keep_checkpoints)
+                checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict, tcfg.keep_checkpoints,
+                                           loss=final_loss)
         step = end_step
     finally:
-        bar.close()
+        progress.close()
         if metrics_file is not None:
             metrics_file.close()
         if writer is not None:
             writer.close()
 
+    unreadable = distributed.union_of_sets(unreadable)
     backbone_path = None
     if info.is_main and step == tcfg.steps:
         backbone_cfg = config_dict["model"].get("encoder", config_dict["model"])
         backbone_path = checkpoint.export_backbone(method.backbone, backbone_cfg, run_dir / "backbone.safetensors")
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         if last_batch is not None:
-            method.save_figures(last_batch, run_dir, augment.denormalize)
-        if skipped_total:
-            log.warning("skipped %d unreadable images in total", skipped_total)
+            method.save_figures(prepare_batch(last_batch, augment, tcfg.seed, info.device), run_dir,
+                                augment.denormalize)
+    if info.is_main and unreadable:
+        log.warning("skipped %d unreadable image files during training (each named above)", len(unreadable))
     distributed.barrier()
-    return TrainResult(run_dir=run_dir, final_step=step, final_loss=loss_value, backbone_path=backbone_path)
+    return TrainResult(run_dir=run_dir, final_step=step, final_loss=final_loss, backbone_path=backbone_path)
 
 
-def prepare_batch(batch: dict, augment: ImageAugment, seed: int, epoch: int, device: torch.device) -> dict:
-    """Move to the device, attach per-sample seeds, augment (crop, flip, normalise) on the device."""
-    seeds = torch.tensor([sample_seed(seed, epoch, int(i)) for i in batch["index"]], dtype=torch.long)
+def _first_readable(dataset) -> dict:
+    """A one-sample batch of the first decodable item: the stand-in for a rank left without samples."""
+    for index in range(len(dataset)):
+        batch = collate([dataset[index]])
+        if batch_size_of(batch):
+            batch.pop("unreadable")
+            return batch
+    raise MaskkitError("no readable sample in the training set")
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line at most every 15 s and at the end."""
+
+    def __init__(self, description: str, start: int, total: int, enabled: bool = True):
+        self.description, self.total, self.enabled = description, total, enabled
+        self.terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, desc=description, dynamic_ncols=True, disable=not self.terminal)
+        self.last_line, self.row = time.perf_counter(), None
+
+    def report(self, row: dict) -> None:
+        self.row = row
+        if self.terminal:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+
+    def update(self, done: int) -> None:
+        if self.terminal:
+            self.bar.update(done - self.bar.n)
+        elif self.enabled and self.row is not None and (
+            done == self.total or time.perf_counter() - self.last_line >= 15
+        ):
+            row = self.row
+            log.info("%s: step %d/%d  loss %.4f  lr %.2e  %.0f img/s", self.description, row["step"], self.total,
+                     row["loss"], row["lr"], row["images_per_s"])
+            self.last_line, self.row = time.perf_counter(), None
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prepare_batch(batch: dict, augment: ImageAugment, seed: int, device: torch.device) -> dict:
+    """Move to the device, attach per-sample seeds of (run seed, epoch, index), augment on the device."""
+    seeds = torch.tensor([sample_seed(seed, int(e), int(i)) for e, i in zip(batch["epoch"], batch["index"], strict=True)],
+                         dtype=torch.long)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     batch["seed"] = seeds
     batch["images"] = augment(batch["images"], seeds)

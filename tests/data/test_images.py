@@ -1,10 +1,22 @@
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from maskkit.data.augment import ImageAugment
-from maskkit.data.images import DataConfig, Digits, ImageFolder, build_image_dataset, collate, labelled_dataset
+from maskkit.data.images import (
+    DataConfig,
+    Digits,
+    ImageFolder,
+    Indexed,
+    batch_size_of,
+    build_image_dataset,
+    collate,
+    labelled_dataset,
+)
 from maskkit.errors import MaskkitError
 
 
@@ -37,20 +49,74 @@ def test_photos_and_mixtures():
     assert dataset[12]["index"] == 12
 
 
-def test_folder_with_classes_skips_a_corrupt_image_and_counts_it(tmp_path, caplog):
+def truncated_png(path, seed=0):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])   # the header reads, the pixels do not
+
+
+def test_folder_with_classes_leaves_out_a_corrupt_image_and_names_it_once(tmp_path, caplog):
     root = write_folder(tmp_path / "images")
     dataset = ImageFolder(str(root), 16)
-    assert dataset.classes == ["cats", "dogs"] and len(dataset) == 9
+    again = ImageFolder(str(root), 16, split="test")
+    assert dataset.classes == ["cats", "dogs"] and len(dataset) == 8 and len(again) < 8
+    assert "broken.jpg" not in " ".join(map(str, dataset.files))
+    # Named once, however many sets are built from the folder.
+    assert len([r for r in caplog.records if "broken.jpg" in r.getMessage()]) == 1
+
+
+def test_a_file_that_opens_but_does_not_decode_is_dropped_by_collate(tmp_path):
+    root = write_folder(tmp_path / "images", corrupt=False)
+    truncated_png(root / "dogs" / "truncated.png")
+    dataset = Indexed(ImageFolder(str(root), 16))
+    assert len(dataset) == 9
     batch = collate([dataset[i] for i in range(len(dataset))])
-    assert batch["images"].shape == (8, 3, 16, 16) and int(batch["skipped"]) == 1
-    assert "broken.jpg" in caplog.text
+    assert batch["images"].shape == (8, 3, 16, 16) and batch_size_of(batch) == 8
+    assert [Path(p).name for p in batch["unreadable"]] == ["truncated.png"]
+    assert collate([dataset[8]]) == {"unreadable": [str(root / "dogs" / "truncated.png")]}
 
 
-def test_strict_mode_names_the_corrupt_file(tmp_path):
-    root = write_folder(tmp_path / "images")
-    dataset = ImageFolder(str(root), 16, strict=True)
-    with pytest.raises(MaskkitError, match="broken.jpg"):
-        [dataset[i] for i in range(len(dataset))]
+def test_loose_images_next_to_class_folders_are_refused(tmp_path):
+    root = write_folder(tmp_path / "images", corrupt=False)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "loose.png")
+    with pytest.raises(MaskkitError, match=r"1 images at its top level next to class sub-folders \(cats, dogs\)"):
+        ImageFolder(str(root), 16)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_a_folder_of_only_unreadable_files_fails_before_training(tmp_path, kind):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        if kind == "garbage":
+            (root / f"{i}.jpg").write_bytes(b"not a jpeg")
+        else:
+            truncated_png(root / f"{i}.png", seed=i)
+    with pytest.raises(MaskkitError, match=r"none of the 3 image files under .* can be read"):
+        ImageFolder(str(root), 16)
+
+
+@pytest.mark.parametrize("fraction, held", [(0.3, 3), (0.5, 5), (0.6, 6), (0.9, 9)])
+def test_eval_split_holds_out_exactly_that_fraction_of_each_class(tmp_path, fraction, held):
+    root = tmp_path / "images"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(root / label / f"{i}.png")
+    test = ImageFolder(str(root), 16, split="test", eval_split=fraction)
+    train = ImageFolder(str(root), 16, split="train", eval_split=fraction)
+    assert test.labels.tolist().count(0) == test.labels.tolist().count(1) == held
+    assert len(train) == 20 - 2 * held and not set(train.files) & set(test.files)
+
+
+def test_unreadable_held_out_files_are_reported_and_not_counted(tmp_path, caplog):
+    root = write_folder(tmp_path / "images", corrupt=False)
+    (root / "cats" / "-broken.png").write_bytes(b"nothing")      # sorts first: a held-out position
+    test = ImageFolder(str(root), 16, split="test", eval_split=0.5)
+    train = ImageFolder(str(root), 16, split="train", eval_split=0.5)
+    assert "-broken.png" in caplog.text
+    # round(5 / 2) = 3 of the 5 cats are held out, the broken one among them; 2 of the 4 dogs.
+    assert (len(test), len(train)) == (2 + 2, 2 + 2)
 
 
 def test_folder_errors_name_the_path(tmp_path):

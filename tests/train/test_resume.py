@@ -86,7 +86,45 @@ def test_ranks_and_micro_batches_cover_the_same_global_batch():
 
     one = global_batches(1, 1)
     assert one == global_batches(2, 1) == global_batches(2, 2) == global_batches(1, 4)
-    assert all(len(b) == 8 and len(set(b)) == 8 for b in one)
+    assert all(len(b) == 8 and len({i for i, _ in b}) == 8 for b in one)
     # Resuming at step 3 continues with the same batches.
     resumed = iter(StepSampler(50, 8, 0, 1, 1, seed=3, start_step=3))
     assert sorted(next(resumed)) == one[3]
+
+
+@pytest.mark.parametrize("world_size, accumulation", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_every_epoch_covers_the_data_set_exactly_once_in_its_own_order(world_size, accumulation):
+    num_samples, global_batch = 50, 8                   # 50 is not a multiple of 8: batches straddle epochs
+    steps = 4 * num_samples // global_batch             # 25 steps = 4 epochs
+    streams = [iter(StepSampler(num_samples, global_batch, r, world_size, accumulation, seed=3))
+               for r in range(world_size)]
+    seen = [item for _ in range(steps) for s in streams for _ in range(accumulation) for item in next(s)]
+    orders = []
+    for epoch in range(4):
+        indices = [i for i, e in seen if e == epoch]
+        assert sorted(indices) == list(range(num_samples)), f"epoch {epoch}"
+        orders.append(indices)
+    # Each epoch has its own permutation (a sampler that replays epoch 0 fails here).
+    assert len({tuple(order) for order in orders}) == 4
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact_across_epoch_boundaries(tmp_path, tiny_config):
+    """40 samples, batch 16: 9 steps cross 3 epoch boundaries (after 2.5, 5 and 7.5 steps)."""
+    cfg = tiny_config(data={"name": "photos", "photo_crops": 40, "image_size": 16},
+                      train={"steps": 9, "checkpoint_every": 1, "keep_checkpoints": 20})
+    train(cfg, tmp_path / "straight", progress=False)
+    weights_a, optim_a = final_tensors(tmp_path / "straight")
+    # Step 3: inside epoch 1; step 5: exactly on the boundary of epochs 1 and 2; step 8: two epochs in.
+    for stop in (3, 5, 8):
+        run = tmp_path / f"resumed_at_{stop}"
+        train(cfg, run, stop_at_step=stop, progress=False)
+        assert train(cfg, run, resume=True, progress=False).final_step == 9
+        weights_b, optim_b = final_tensors(run)
+        for key in weights_a:
+            assert torch.equal(weights_a[key], weights_b[key]), (stop, key)
+        for key in optim_a:
+            assert torch.equal(optim_a[key], optim_b[key]), (stop, key)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 10))
+        assert [r["epoch"] for r in rows][-1] == pytest.approx(9 * 16 / 40)

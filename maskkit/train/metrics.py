@@ -1,0 +1,58 @@
+"""RUN/metrics.jsonl: one JSON row per logged step, kept true to the checkpoints after a crash.
+
+A run killed between two checkpoints has logged steps that its resumed continuation will log again,
+and a kill during a write can leave a torn last line. `start_metrics` therefore keeps exactly the rows
+up to the step the run continues from (dropping torn lines), and a fresh run starts an empty file.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("maskkit")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics file; lines that are not complete JSON objects (a torn write) are skipped."""
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def start_metrics(path: Path, resume_step: int | None):
+    """Open the metrics file for appending: emptied for a fresh run, cut back to `resume_step` on resume."""
+    path = Path(path)
+    rows = [] if resume_step is None else [r for r in read_metrics(path) if r["step"] <= resume_step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
