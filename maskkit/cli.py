@@ -14,8 +14,15 @@ from pathlib import Path
 from maskkit.errors import MaskkitError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are MaskkitErrors too: one line, exit status 2."""
+
+    def error(self, message: str):
+        raise MaskkitError(f"{message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskkit", description="Masked and self-supervised pretraining.")
+    parser = _Parser(prog="maskkit", description="Masked and self-supervised pretraining.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -62,12 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        args = parse_args(argv)
         return run(args)
     except MaskkitError as error:
-        if args.debug:
+        if "--debug" in argv:
             raise
         print(f"maskkit: error: {error}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ line that names the key and lists the valid ones.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from maskkit.data.images import DataConfig
-from maskkit.errors import MaskkitError
+from maskkit.data.images import DATA_SETS, DataConfig
+from maskkit.errors import MaskkitError, require, require_float, require_int
 
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -162,42 +163,59 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
 
 
 def validate(cfg: Config, source: str = "config") -> None:
-    """Cross-field checks that a single type cannot express."""
-    encoder = getattr(cfg.model, "encoder", None)
-    if encoder is not None:
-        if encoder.image_size != cfg.data.image_size:
-            raise MaskkitError(
-                f"{source}: model.encoder.image_size={encoder.image_size} differs from data.image_size={cfg.data.image_size}"
-            )
-        if encoder.image_size % encoder.patch_size:
-            raise MaskkitError(
-                f"{source}: image size {encoder.image_size} is not divisible by model.encoder.patch_size={encoder.patch_size}"
-            )
-        if encoder.in_channels != cfg.data.in_channels:
-            raise MaskkitError(f"{source}: model.encoder.in_channels differs from data.in_channels")
-    mask_ratio = getattr(cfg.model, "mask_ratio", None)
-    if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
-        raise MaskkitError(f"{source}: model.mask_ratio must be in [0, 1), got {mask_ratio}")
-    widths = {"model.encoder.dim": getattr(encoder, "dim", None), "model.decoder_dim": getattr(cfg.model, "decoder_dim", None)}
-    for key, width in widths.items():
-        if width is not None and width % 4:
-            raise MaskkitError(f"{source}: {key}={width} must be divisible by 4 (2D sin-cos positions)")
-    channels = cfg.data.in_channels
-    if len(cfg.data.mean) != channels or len(cfg.data.std) != channels:
-        raise MaskkitError(f"{source}: data.mean and data.std need one value per channel ({channels})")
-    for key, value in (("eval.knn_k", cfg.eval.knn_k), ("eval.probe_epochs", cfg.eval.probe_epochs),
-                       ("eval.batch_size", cfg.eval.batch_size), ("eval.probe_batch_size", cfg.eval.probe_batch_size),
-                       ("eval.finetune_batch_size", cfg.eval.finetune_batch_size)):
-        if value < 1:
-            raise MaskkitError(f"{source}: {key} must be at least 1, got {value}")
-    for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
-                       ("train.accumulation_steps", cfg.train.accumulation_steps)):
-        if value < 1:
-            raise MaskkitError(f"{source}: {key} must be at least 1, got {value}")
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
-        raise MaskkitError(f"{source}: train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
-    if cfg.eval.pool not in ("cls", "mean"):
-        raise MaskkitError(f"{source}: eval.pool must be cls or mean, got {cfg.eval.pool!r}")
+    """Every key's valid range, and the checks across keys; the method's config checks its own keys."""
+    o, t, e = cfg.optim, cfg.train, cfg.eval
+    require_float(source, "optim.base_lr", o.base_lr, 0.0)
+    require_float(source, "optim.min_lr", o.min_lr, 0.0)
+    require_float(source, "optim.weight_decay", o.weight_decay, 0.0)
+    require(len(o.betas) == 2, source, "optim.betas", o.betas, "two numbers [beta1, beta2]")
+    for i, beta in enumerate(o.betas):
+        require_float(source, f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    require_int(source, "optim.warmup_steps", o.warmup_steps, 0)
+    require_float(source, "optim.clip_grad", o.clip_grad, 0.0)
+
+    for key in ("steps", "batch_size", "accumulation_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        require_int(source, f"train.{key}", getattr(t, key), 1)
+    require(t.batch_size % t.accumulation_steps == 0, source, "train.batch_size", t.batch_size,
+            f"divisible by train.accumulation_steps={t.accumulation_steps}")
+    require_int(source, "train.seed", t.seed, 0, 2**63 - 1)
+    require_int(source, "train.threads", t.threads, 0, 1024)
+    require(t.device in ("auto", "cpu", "cuda"), source, "train.device", t.device, "auto, cpu or cuda")
+
+    require(e.pool in ("cls", "mean"), source, "eval.pool", e.pool, "cls or mean")
+    for key in ("knn_k", "probe_epochs", "finetune_epochs", "finetune_batch_size", "batch_size"):
+        require_int(source, f"eval.{key}", getattr(e, key), 1)
+    # The probe's BatchNorm needs two samples to compute batch statistics.
+    require_int(source, "eval.probe_batch_size", e.probe_batch_size, 2)
+    for key in ("knn_temperature", "probe_lr", "finetune_lr"):
+        require_float(source, f"eval.{key}", getattr(e, key), 0.0, low_open=True)
+
+    check_data(cfg.data, source)
+    cfg.model.check(cfg.data, source)
+
+
+def check_data(d: DataConfig, source: str) -> None:
+    for name in d.name.split("+"):
+        require(name in DATA_SETS, source, "data.name", d.name,
+                f"one of {', '.join(DATA_SETS)} or a '+'-joined mixture of them (e.g. photos+digits)")
+    require_int(source, "data.image_size", d.image_size, 1, 4096)
+    require(d.load_size == 0 or 1 <= d.load_size <= 4096, source, "data.load_size", d.load_size,
+            "0 (= data.image_size) or an integer in [1, 4096]")
+    require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
+    require_int(source, "data.photo_crops", d.photo_crops, 1)
+    require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
+    require_int(source, "data.num_workers", d.num_workers, 0, 256)
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        require(len(values) == d.in_channels, source, f"data.{key}", values,
+                f"one value per channel (data.in_channels={d.in_channels})")
+    for i, (mean, std) in enumerate(zip(d.mean, d.std, strict=True)):
+        require(math.isfinite(mean), source, f"data.mean[{i}]", mean, "a finite number")
+        require_float(source, f"data.std[{i}]", std, 0.0, low_open=True)
+    require(len(d.crop_scale) == 2, source, "data.crop_scale", d.crop_scale, "two area fractions [low, high]")
+    low, high = d.crop_scale
+    require_float(source, "data.crop_scale[0]", low, 0.0, 1.0, low_open=True)
+    require_float(source, "data.crop_scale[1]", high, low, 1.0)
 
 
 # Keys that say where and how a run executes, not what it computes: a resumed run may change them.

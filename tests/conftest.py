@@ -17,11 +17,16 @@ def tiny_config_dict(**sections) -> dict:
         "optim": {"base_lr": 1e-3, "warmup_steps": 2, "clip_grad": 1.0},
         "train": {"steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 5},
     }
-    for section, updates in sections.items():
-        if isinstance(updates, dict):
-            values[section] = {**values.get(section, {}), **updates}
+    return deep_update(values, sections)
+
+
+def deep_update(values: dict, updates: dict) -> dict:
+    """Nested dicts are merged key by key ({"model": {"encoder": {"depth": 1}}} keeps the other encoder keys)."""
+    for key, update in updates.items():
+        if isinstance(update, dict) and isinstance(values.get(key), dict):
+            deep_update(values[key], update)
         else:
-            values[section] = updates
+            values[key] = update
     return values
 
 

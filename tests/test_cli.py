@@ -29,12 +29,26 @@ def tiny_yaml(tmp_path):
     [
         (["train", "no/such/recipe.yaml"], "'no/such/recipe.yaml' is neither a file nor a bundled recipe"),
         (["train", "mae/tiny", "data.name=folder", "data.path=/no/such/dir"], "data.path: /no/such/dir does not exist"),
-        (["train", "mae/tiny", "model.encoder.patch_size=5"], "not divisible by model.encoder.patch_size=5"),
+        (["train", "mae/tiny", "model.encoder.patch_size=5"], "model.encoder.patch_size must be a divisor of the image size 32, got 5"),
         (["train", "mae/tiny", "train.steps=many"], "key 'train.steps' expects int, got 'many'"),
         (["train", "mae/tiny", "optim.learning_rate=1"], "unknown key 'optim.learning_rate'; valid keys under optim: base_lr"),
         (["validate", "mae/tiny", "method=mea"], "unknown method 'mea'"),
-        (["validate", "mae/tiny", "model.mask_ratio=1.0"], "model.mask_ratio must be in [0, 1), got 1.0"),
-        (["validate", "mae/tiny", "model.decoder_dim=30"], "model.decoder_dim=30 must be divisible by 4"),
+        (["validate", "mae/tiny", "model.mask_ratio=1.0"], "model.mask_ratio must be a finite number in [0, 1), got 1.0"),
+        (["validate", "mae/tiny", "model.decoder_dim=30"], "model.decoder_dim must be divisible by 4 (2D sin-cos positions), got 30"),
+        (["validate", "mae/tiny", "optim.base_lr=-1e-3"], "optim.base_lr must be a finite number >= 0, got -0.001"),
+        (["validate", "mae/tiny", "optim.betas=[1.5,0.9]"], "optim.betas[0] must be a finite number in [0, 1), got 1.5"),
+        (["validate", "mae/tiny", "optim.base_lr=.nan"], "optim.base_lr must be a finite number >= 0, got nan"),
+        (["validate", "mae/tiny", "train.checkpoint_every=0"], "train.checkpoint_every must be at least 1, got 0"),
+        (["validate", "mae/tiny", "train.log_every=0"], "train.log_every must be at least 1, got 0"),
+        (["validate", "mae/tiny", "model.encoder.image_size=0", "data.image_size=0"],
+         "data.image_size must be an integer in [1, 4096], got 0"),
+        (["validate", "mae/tiny", "model.encoder.depth=0"], "model.encoder.depth must be at least 1, got 0"),
+        (["validate", "mae/tiny", "data.eval_split=1.5"], "data.eval_split must be a finite number in (0, 1), got 1.5"),
+        (["validate", "mae/tiny", "data.crop_scale=[0.9,0.2]"], "data.crop_scale[1] must be a finite number in [0.9, 1]"),
+        (["validate", "mae/tiny", "data.name=imagenet"], "data.name must be one of digits, photos, folder"),
+        (["validate", "mae/tiny", "model.mask_ratio=0.99"], "small enough to keep at least one of the 64 patches"),
+        (["eval", "/no/such/run", "--device", "cuda"], "/no/such/run does not exist"),
+        (["train", "mae/tiny", "--out", "runs/x", "--resume", "--bogus"], "unrecognized arguments: --bogus"),
         (["eval", "/no/such/run"], "/no/such/run does not exist"),
     ],
 )
@@ -78,4 +92,39 @@ def test_module_entry_point_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "maskkit: error: " + result.stderr.strip().split("maskkit: error: ", 1)[1]
-    ) and "not divisible" in result.stderr
+    ) and "must be a divisor of the image size 30" in result.stderr
+
+
+def test_overrides_work_before_and_after_options(tmp_path, tiny_yaml, capsys):
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--no-progress", "train.steps=3")
+    assert code == 0 and "for 3 steps" in out
+    code, out, _ = run_cli(capsys, "eval", str(run), "--protocol", "knn", "eval.knn_k=5", "--device", "cpu")
+    assert code == 0
+    assert json.loads((run / "eval.json").read_text())["knn"]["protocol"] == "knn"
+    # A readable table, not raw JSON: rows for both backbones and the gain, three decimals.
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("knn on digits (1257 train / 540 test images)")
+    assert [line.split()[0] for line in lines[1:4]] == ["pretrained", "random", "gain"]
+    assert all(len(line.split()[-1].split(".")[-1]) == 3 for line in lines[1:4])
+    assert not out.lstrip().startswith("{")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_on_a_missing_gpu_names_the_eval_option(tmp_path, tiny_yaml, capsys):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--no-progress")[0] == 0
+    code, _, err = run_cli(capsys, "eval", str(run), "--device", "cuda")
+    assert code == 2 and "--device cuda but no CUDA device is visible; use --device cpu" in err
+    assert "train.device" not in err
+
+
+def test_without_a_terminal_progress_is_a_few_plain_lines(tmp_path, tiny_yaml):
+    result = subprocess.run(
+        [sys.executable, "-m", "maskkit", "train", str(tiny_yaml), "--out", str(tmp_path / "run"), "train.steps=4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "it/s" not in result.stderr        # no tqdm bar in a log file
+    progress_lines = [line for line in result.stderr.splitlines() if "step 4/4" in line]
+    assert len(progress_lines) == 1 and "loss" in progress_lines[0]

@@ -23,6 +23,7 @@ from maskkit.nn.masking import sample_seed
 
 log = logging.getLogger("maskkit")
 
+DATA_SETS = ("digits", "photos", "folder")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 PHOTO_NAMES = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry",
@@ -78,6 +79,12 @@ class Digits(Dataset):
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32) / 16.0        # (1797, 8, 8)
         labels = torch.tensor(digits.target, dtype=torch.long)
+        num_test = math.ceil(len(labels) * eval_split)        # how train_test_split counts a fraction
+        if not 10 <= num_test <= len(labels) - 10:
+            raise MaskkitError(
+                f"data.eval_split={eval_split} holds out {num_test} of the 1797 digits; a stratified split needs "
+                "at least one per class on each side (0.006 <= data.eval_split <= 0.994)"
+            )
         train_idx, test_idx = train_test_split(
             np.arange(len(labels)), test_size=eval_split, random_state=0, stratify=labels.numpy()
         )

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from maskkit.data.images import DataConfig
+from maskkit.errors import require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
 from maskkit.nn.masking import Masking, gather_tokens, num_kept, per_sample_uniform, random_masking
 from maskkit.nn.pos_embed import sincos_2d
-from maskkit.nn.transformer import Block, ViT, ViTConfig
+from maskkit.nn.transformer import Block, ViT, ViTConfig, check_mlp_ratio, check_width
 
 
 @dataclass
@@ -27,6 +29,23 @@ class MAEConfig:
     decoder_mlp_ratio: float = 4.0
     mask_ratio: float = 0.75         # Sec 3: "a high masking ratio (e.g., 75%)"
     norm_pix_loss: bool = True       # Sec 3 / Table 1d: per-patch normalised pixels improve features
+
+    def check(self, data: DataConfig, source: str) -> None:
+        """Each field's valid range, and the encoder against the images the data section delivers."""
+        enc = self.encoder
+        enc.check(source, "model.encoder")
+        require(enc.image_size == data.image_size, source, "model.encoder.image_size", enc.image_size,
+                f"equal to data.image_size={data.image_size}")
+        require(enc.in_channels == data.in_channels, source, "model.encoder.in_channels", enc.in_channels,
+                f"equal to data.in_channels={data.in_channels}")
+        require_int(source, "model.decoder_num_heads", self.decoder_num_heads, 1)
+        check_width(source, "model.decoder_dim", self.decoder_dim, self.decoder_num_heads, "model.decoder_num_heads")
+        require_int(source, "model.decoder_depth", self.decoder_depth, 0)
+        check_mlp_ratio(source, "model.decoder_mlp_ratio", self.decoder_mlp_ratio, self.decoder_dim)
+        require_float(source, "model.mask_ratio", self.mask_ratio, 0.0, 1.0, high_open=True)
+        num_patches = (enc.image_size // enc.patch_size) ** 2
+        require(num_kept(num_patches, self.mask_ratio) >= 1, source, "model.mask_ratio", self.mask_ratio,
+                f"small enough to keep at least one of the {num_patches} patches visible")
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -82,7 +101,8 @@ class MAE(Method):
         for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:       # qkv has none with qkv_bias=False
+                    nn.init.zeros_(module.bias)
 
     @property
     def backbone(self) -> ViT:

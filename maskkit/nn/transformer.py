@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from maskkit.errors import MaskkitError
+from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.nn.masking import gather_tokens
 from maskkit.nn.pos_embed import sincos_2d
 
@@ -87,6 +87,30 @@ class ViTConfig:
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     cls_token: bool = True
+
+    def check(self, source: str, prefix: str = "model.encoder") -> None:
+        """Each field's valid range, named `PREFIX.FIELD` in the error."""
+        require_int(source, f"{prefix}.image_size", self.image_size, 1, 4096)
+        require_int(source, f"{prefix}.patch_size", self.patch_size, 1, self.image_size)
+        require(self.image_size % self.patch_size == 0, source, f"{prefix}.patch_size", self.patch_size,
+                f"a divisor of the image size {self.image_size}")
+        require_int(source, f"{prefix}.depth", self.depth, 1)
+        require_int(source, f"{prefix}.num_heads", self.num_heads, 1)
+        check_width(source, f"{prefix}.dim", self.dim, self.num_heads, f"{prefix}.num_heads")
+        check_mlp_ratio(source, f"{prefix}.mlp_ratio", self.mlp_ratio, self.dim)
+        require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
+
+
+def check_width(source: str, key: str, dim: int, num_heads: int, heads_key: str) -> None:
+    """A width that 2D sin-cos positions (4 parts) and `num_heads` heads both divide."""
+    require_int(source, key, dim, 4)
+    require(dim % 4 == 0, source, key, dim, "divisible by 4 (2D sin-cos positions)")
+    require(dim % num_heads == 0, source, key, dim, f"divisible by {heads_key}={num_heads}")
+
+
+def check_mlp_ratio(source: str, key: str, ratio: float, dim: int) -> None:
+    require_float(source, key, ratio, 0.0, 64.0, low_open=True)
+    require(int(dim * ratio) >= 1, source, key, ratio, f"large enough for a hidden layer (int({dim} * ratio) >= 1)")
 
 
 class ViT(nn.Module):

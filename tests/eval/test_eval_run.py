@@ -72,7 +72,9 @@ def test_load_backbone_round_trip(run_dir, tmp_path):
 
 def test_evaluate_knn_writes_eval_json(run_dir):
     result = evaluate(run_dir, "knn", overrides=["eval.knn_k=10"], progress=False)
-    assert 0.0 <= result["pretrained"] <= 1.0 and 0.0 <= result["random_init"] <= 1.0
+    # Even a barely trained tiny ViT's features separate digits well above chance (0.1): a kNN that mixed up
+    # labels and features, or test and train, would not.
+    assert result["pretrained"] > 0.3 and result["random_init"] > 0.3
     assert (result["protocol"], result["dataset"]) == ("knn", "digits")
     assert (result["num_train"], result["num_test"]) == (1257, 540)
     assert result["checkpoint"] == str(find_checkpoint(run_dir))

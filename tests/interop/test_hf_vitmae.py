@@ -39,7 +39,7 @@ def _hf_table(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([table[:, half:], table[:, :half]], dim=1).unsqueeze(0)
 
 
-def random_hf(norm_pix_loss: bool = False, attn_implementation: str = "eager", seed: int = 0):
+def random_hf(norm_pix_loss: bool = False, attn_implementation: str = "eager", seed: int = 0, qkv_bias: bool = True):
     """A tiny ViTMAEForPreTraining with every tensor random, in eval mode.
 
     HF's own init leaves biases, LayerNorms, the CLS and mask tokens at 0/1 (and, in transformers 5.24,
@@ -47,7 +47,8 @@ def random_hf(norm_pix_loss: bool = False, attn_implementation: str = "eager", s
     q and k moves the logits by only ~4e-5, and two LayerNorms swapped not at all. With unit-scale random
     tensors either mistake moves them by more than 1.
     """
-    config = transformers.ViTMAEConfig(**TINY, norm_pix_loss=norm_pix_loss, attn_implementation=attn_implementation)
+    config = transformers.ViTMAEConfig(**TINY, norm_pix_loss=norm_pix_loss, attn_implementation=attn_implementation,
+                                       qkv_bias=qkv_bias)
     model = transformers.ViTMAEForPreTraining(config).eval()
     generator = torch.Generator().manual_seed(seed)
     grid = config.image_size // config.patch_size
@@ -92,6 +93,15 @@ def test_hf_to_maskkit_parity(norm_pix_loss, attn_implementation):
     mae = load_hf_vitmae(hf).eval()
     assert mae.cfg.encoder.norm_eps == 1e-12
     assert mae.cfg.norm_pix_loss is norm_pix_loss
+    assert_same_outputs(mae, hf)
+
+
+def test_a_vit_mae_without_qkv_bias_loads_and_matches(tmp_path):
+    """qkv_bias=False used to crash MAE's init (`'NoneType' object has no attribute 'zero_'`)."""
+    hf = random_hf(qkv_bias=False)
+    save_hf_vitmae(load_hf_vitmae(hf), tmp_path)
+    mae = load_hf_vitmae(tmp_path).eval()
+    assert mae.cfg.encoder.qkv_bias is False and mae.encoder.blocks[0].attn.qkv.bias is None
     assert_same_outputs(mae, hf)
 
 

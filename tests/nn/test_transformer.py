@@ -3,6 +3,7 @@ import torch
 
 from maskkit.errors import MaskkitError
 from maskkit.nn.masking import gather_tokens
+from maskkit.nn.pos_embed import sincos_2d
 from maskkit.nn.transformer import ViT, ViTConfig, double_backward_safe
 
 
@@ -24,14 +25,20 @@ def test_keep_runs_the_encoder_on_the_visible_tokens_only():
     torch.testing.assert_close(out, vit.norm(tokens))
 
 
-def test_position_embedding_is_added_before_masking():
+def test_each_kept_token_carries_its_own_position():
+    """MAE Sec 3: positions are added to every patch before masking, so a kept token keeps its own position
+    wherever it lands in the kept sequence (adding pos[0..N_keep) after the gather would fail here)."""
     vit = tiny_vit(cls_token=False).eval()
-    images = torch.randn(1, 3, 16, 16)
-    full = vit.embed(images)
-    # Token 9 keeps its own position wherever it lands in the kept sequence.
-    out_a = gather_tokens(full, torch.tensor([[9, 1]]))[0, 0]
-    out_b = gather_tokens(full, torch.tensor([[1, 9]]))[0, 1]
-    assert torch.equal(out_a, out_b)
+    images = torch.randn(2, 3, 16, 16)
+    keep = torch.tensor([[9, 1, 14], [3, 12, 0]])
+    patches = vit.patch_embed(images).flatten(2).transpose(1, 2)              # (B, 16, D), no positions
+    table = sincos_2d(32, 4, 4)                                               # (16, D), computed independently
+    expected = torch.stack([patches[b, keep[b]] + table[keep[b]] for b in range(2)])
+    torch.testing.assert_close(gather_tokens(vit.embed(images), keep), expected)
+    tokens = expected
+    for block in vit.blocks:
+        tokens = block(tokens)
+    torch.testing.assert_close(vit(images, keep=keep), vit.norm(tokens))
 
 
 def test_image_size_must_divide_by_patch():
@@ -41,7 +48,17 @@ def test_image_size_must_divide_by_patch():
         tiny_vit()(torch.randn(3, 3, 32, 32))
 
 
-def test_second_order_gradients_through_the_vit():
+@pytest.fixture
+def one_thread():
+    """gradgradcheck runs thousands of tiny float64 ops: one thread takes 4 s where two, on a machine whose
+    other core is busy, took 77 s waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_second_order_gradients_through_the_vit(one_thread):
     """Energy-based pretraining differentiates through a gradient step on the input (create_graph)."""
     vit = tiny_vit().double()
     images = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
