@@ -12,8 +12,10 @@ def test_demo_pipeline_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert (tmp_path / "demo" / name).is_file(), name
     assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == summary
     assert summary["steps"] == 3
-    for protocol in ("knn", "linear"):
-        assert 0.0 < summary[protocol]["random_init"] <= 1.0 and 0.0 < summary[protocol]["pretrained"] <= 1.0
+    # Well above chance (0.1) even after 3 steps (kNN ~0.7, a 2-epoch probe ~0.3): features, labels and
+    # splits are wired together correctly.
+    for protocol, floor in (("knn", 0.5), ("linear", 0.2)):
+        assert summary[protocol]["random_init"] > floor and summary[protocol]["pretrained"] > floor
     assert "kNN (k=20, T=0.07)" in capsys.readouterr().out
     # Run again: training is complete, so it only evaluates, with the same numbers.
     again = demo(tmp_path / "demo", overrides, progress=False)

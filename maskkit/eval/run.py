@@ -138,11 +138,15 @@ def evaluate_backbones(
     train_set, test_set = labelled_dataset(cfg.data, "train"), labelled_dataset(cfg.data, "test")
     num_classes = train_set.dataset.num_classes    # both labelled sets (digits, folder) define it
     augment = ImageAugment(cfg.data)
+    ecfg = cfg.eval
+    # Fine-tuning crops and flips by eval.finetune_crop_scale / eval.finetune_hflip (see EvalConfig).
+    finetune_augment = ImageAugment(
+        dataclasses.replace(cfg.data, crop_scale=list(ecfg.finetune_crop_scale), hflip=ecfg.finetune_hflip)
+    )
     with torch.random.fork_rng(devices=[]):        # seeded, without moving the caller's global generator
         torch.manual_seed(seed)
         random_init = ViT(backbone.cfg)
     backbones = {"pretrained": copy.deepcopy(backbone).to(device), "random_init": random_init.to(device)}
-    ecfg = cfg.eval
     sizes = {"num_train": len(train_set), "num_test": len(test_set)}
     results = {protocol: {"protocol": protocol, "dataset": labelled_name(cfg.data.name), **sizes} for protocol in protocols}
     for name, model in backbones.items():
@@ -150,7 +154,7 @@ def evaluate_backbones(
         for protocol in protocols:
             if protocol == "finetune":
                 results[protocol][name] = finetune(
-                    model, train_set, test_set, augment, num_classes, epochs=ecfg.finetune_epochs,
+                    model, train_set, test_set, finetune_augment, num_classes, epochs=ecfg.finetune_epochs,
                     lr=ecfg.finetune_lr, batch_size=ecfg.finetune_batch_size, pool=ecfg.pool, seed=seed,
                     device=device, progress=progress,
                 )

@@ -86,7 +86,7 @@ def test_finetune_protocol_leaves_the_backbone_alone(run_dir):
     cfg.eval.finetune_epochs, cfg.eval.finetune_batch_size = 1, 256
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     result = evaluate_backbones(backbone, cfg, ["finetune"], progress=False)["finetune"]
-    assert 0.0 <= result["pretrained"] <= 1.0 and 0.0 <= result["random_init"] <= 1.0
+    assert set(result) >= {"pretrained", "random_init", "num_train", "num_test"}
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
 
 
