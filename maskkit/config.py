@@ -43,6 +43,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
     init_from: str = ""              # a run or checkpoint whose weights start this (new) run; "" = random init
+    precision: str = "fp32"          # fp32 | bf16 (autocast, on CUDA or on a CPU with AMX)
 
 
 @dataclass
@@ -171,6 +172,8 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
 
 def validate(cfg: Config, source: str = "config") -> None:
     """Every key's valid range, and the checks across keys; the method's config checks its own keys."""
+    from maskkit.methods import METHODS
+
     o, t, e = cfg.optim, cfg.train, cfg.eval
     require_float(source, "optim.base_lr", o.base_lr, 0.0)
     require_float(source, "optim.min_lr", o.min_lr, 0.0)
@@ -188,6 +191,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     require_int(source, "train.seed", t.seed, 0, 2**63 - 1)
     require_int(source, "train.threads", t.threads, 0, 1024)
     require(t.device in ("auto", "cpu", "cuda"), source, "train.device", t.device, "auto, cpu or cuda")
+    require(t.precision in ("fp32", "bf16"), source, "train.precision", t.precision, "fp32 or bf16")
+    if t.precision == "bf16" and not METHODS[cfg.method][0].supports_bf16:
+        raise MaskkitError(f"{source}: train.precision=bf16 is not supported by {cfg.method} (its numerics need "
+                           "fp32); use train.precision=fp32")
 
     require(e.pool in ("cls", "mean"), source, "eval.pool", e.pool, "cls or mean")
     for key in ("knn_k", "probe_epochs", "finetune_epochs", "finetune_batch_size", "batch_size"):

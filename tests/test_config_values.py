@@ -50,7 +50,7 @@ SIZE_KEYS = {"data.image_size", "data.load_size", "model.encoder.image_size", "m
              "model.encoder.dim", "model.encoder.depth", "model.encoder.num_heads", "model.decoder_dim",
              "model.decoder_depth", "model.decoder_num_heads", "train.batch_size", "train.threads",
              "data.photo_crops", "data.num_workers"}
-STRINGS = st.one_of(st.sampled_from(["", "digits", "photos", "folder", "photos+digits", "digits+", "cpu", "cuda",
+STRINGS = st.one_of(st.sampled_from(["", "digits", "photos", "folder", "photos+digits", "digits+", "cpu", "cuda", "bf16", "fp32",
                                      "auto", "cls", "mean", "gpu", "/no/such/dir", "mae"]), st.text(max_size=8))
 
 

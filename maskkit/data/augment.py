@@ -11,7 +11,7 @@ import torch
 from kornia.geometry.transform import crop_and_resize
 
 from maskkit.data.images import DataConfig
-from maskkit.nn.masking import per_sample_uniform
+from maskkit.rng import Stream, uniform
 
 
 class ImageAugment:
@@ -33,7 +33,7 @@ class ImageAugment:
 
     def boxes(self, seeds: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 4, 2) crop corners (x, y: top-left, top-right, bottom-right, bottom-left) and (B,) flips."""
-        u = per_sample_uniform(seeds, (5,), stream=1)                           # (B, 5)
+        u = uniform(seeds, (5,), Stream.CROP)                                   # (B, 5)
         area = height * width * (self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0]))
         ratio = torch.exp(self.log_ratio[0] + u[:, 1] * (self.log_ratio[1] - self.log_ratio[0]))
         crop_w = torch.sqrt(area * ratio).clamp(1, width)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset
 
 from maskkit.errors import MaskkitError
-from maskkit.nn.masking import sample_seed
+from maskkit.rng import Stream, sample_keys, uniform
 
 log = logging.getLogger("maskkit")
 
@@ -123,7 +123,7 @@ def load_photos(channels: int) -> tuple[torch.Tensor, ...]:
 class PhotoCrops(Dataset):
     """Random crops of scikit-image's sample photographs: natural-image statistics with no download.
 
-    Crop i is a fixed function of i (its photo, scale and position come from `sample_seed`), so the
+    Crop i is a fixed function of i (its photo, scale and position come from `maskkit.rng`), so the
     set is a fixed data set of `num_crops` images; augmentation adds per-epoch variety on top.
     """
 
@@ -135,8 +135,8 @@ class PhotoCrops(Dataset):
         return self.num_crops
 
     def __getitem__(self, i: int) -> dict:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, 0, i, stream=7))
-        u = torch.rand(4, generator=generator).tolist()
+        key = sample_keys(self.seed, torch.zeros(1, dtype=torch.long), torch.tensor([i]))
+        u = uniform(key, (4,), Stream.PHOTO)[0].tolist()
         which = int(u[0] * len(self.photos))
         photo = self.photos[which]
         _, height, width = photo.shape

@@ -28,8 +28,8 @@ from maskkit.config import OptimConfig
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import batch_size_of, collate
 from maskkit.eval.features import extract_features
-from maskkit.nn.masking import sample_seed
 from maskkit.nn.transformer import ViT
+from maskkit.rng import Stream, scalar_seed
 from maskkit.train.loop import prepare_batch
 from maskkit.train.optim import lr_at, param_groups
 
@@ -85,7 +85,8 @@ def finetune(
     step = 0
     for epoch in range(epochs):
         # The order of epoch e, like the crops, depends only on (seed, epoch): same run, same result.
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -1)))
+        generator = torch.Generator().manual_seed(scalar_seed(seed, epoch, -1, Stream.ORDER))
+        order = torch.randperm(len(train_set), generator=generator)
         batches = [chunk.tolist() for chunk in order.split(batch_size)]
         for batch in DataLoader(train_set, batch_sampler=batches, collate_fn=collate):
             batch.pop("unreadable")

@@ -4,6 +4,7 @@ A method is an `nn.Module` whose `forward(batch)` takes a dict of tensors and re
 Everything else the loop needs is an ordinary method call, documented in README "Writing a method".
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,9 @@ class Method(nn.Module):
     """Base class: defaults for the hooks; subclasses set `name`, `backbone` and implement forward."""
 
     name: str = "method"
-    # State-dict prefixes that are neither optimized nor saved (a frozen teacher, a frozen language model).
-    frozen_prefixes: tuple[str, ...] = ()
+    # Whether the method trains under bf16 autocast (train.precision=bf16); a method whose numerics need
+    # fp32 (second-order gradients, say) sets this False and the config check refuses bf16 for it.
+    supports_bf16: bool = True
 
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
         raise NotImplementedError
@@ -33,8 +35,17 @@ class Method(nn.Module):
         """The network exported for downstream use (fine-tuning, probing)."""
         raise NotImplementedError
 
-    def after_step(self, step: int) -> None:
-        """Called after every optimizer step (momentum encoders, queues). Default: nothing."""
+    def exports(self) -> dict[str, tuple[nn.Module, dict]]:
+        """{name: (module, its config as a dict)}: written to RUN/<name>.safetensors at the end of training.
+
+        "backbone" is what evaluation loads; a two-tower method adds its other tower under another name.
+        """
+        config = getattr(self.backbone, "cfg", None)
+        return {"backbone": (self.backbone, dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {})}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step with the number of steps done before it (0-based) and the
+        run's total (momentum and weight schedules need both). Default: nothing."""
 
     def save_figures(self, batch: dict[str, torch.Tensor], out_dir: Path, denormalize=lambda x: x) -> list[Path]:
         """Called once at the end of training with a batch; returns the figures written.
@@ -43,10 +54,35 @@ class Method(nn.Module):
         """
         return []
 
+    # Frozen parts (a distillation teacher, a frozen language model), in one place.
+
+    def freeze(self, module: nn.Module) -> nn.Module:
+        """Freeze a sub-module: no gradients, eval mode (dropout off) that `train()` does not undo, and left
+        out of the optimizer and of checkpoints. Its weights must come from elsewhere (a pretrained file)
+        when the method is built, so that a resumed run rebuilds it identically. Returns `module`."""
+        if not any(child is module for child in self.modules()):
+            raise ValueError("freeze() takes a sub-module already assigned to the method")
+        module.requires_grad_(False)
+        module.eval()
+        frozen = self.__dict__.setdefault("_frozen_modules", [])
+        if not any(m is module for m in frozen):
+            frozen.append(module)
+        return module
+
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the frozen sub-modules ("teacher.")."""
+        frozen = self.__dict__.get("_frozen_modules", [])
+        return tuple(f"{name}." for name, module in self.named_modules() if any(module is m for m in frozen))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.__dict__.get("_frozen_modules", []):
+            module.eval()
+        return self
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: parameters and persistent buffers, frozen parts left out."""
-        return {
-            key: value
-            for key, value in self.state_dict().items()
-            if not any(key.startswith(prefix) for prefix in self.frozen_prefixes)
-        }
+        prefixes = self.frozen_prefixes
+        return {key: value for key, value in self.state_dict().items()
+                if not any(key.startswith(prefix) for prefix in prefixes)}

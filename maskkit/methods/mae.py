@@ -15,9 +15,10 @@ from torch import nn
 from maskkit.data.images import DataConfig
 from maskkit.errors import require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
-from maskkit.nn.masking import Masking, gather_tokens, num_kept, per_sample_uniform, random_masking
+from maskkit.nn.masking import Masking, gather_tokens, num_kept, random_masking
 from maskkit.nn.pos_embed import sincos_2d
 from maskkit.nn.transformer import Block, ViT, ViTConfig, check_mlp_ratio, check_width
+from maskkit.rng import Stream, uniform
 
 
 @dataclass
@@ -122,7 +123,7 @@ class MAE(Method):
         if "noise" in batch:
             return batch["noise"]
         if "seed" in batch:
-            return per_sample_uniform(batch["seed"], (self.encoder.num_patches,), device=images.device)
+            return uniform(batch["seed"].to(images.device), (self.encoder.num_patches,), Stream.MASK)
         return torch.rand(images.shape[0], self.encoder.num_patches, device=images.device)
 
     def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:

@@ -4,40 +4,13 @@
 keep the tokens with the smallest noise. Every sample keeps exactly the same number of tokens, so the
 visible tokens form a dense (B, N_keep, D) tensor and the encoder never sees a mask token.
 
-All randomness here comes from per-sample seeds (see `sample_seeds`), so a sample sees the same mask
+The noise comes from `maskkit.rng` (stream MASK of each sample's key), so a sample sees the same mask
 whatever the batch it lands in, the number of ranks, or whether the run was resumed.
 """
 
 from dataclasses import dataclass
 
 import torch
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
-    """A 63-bit seed that depends only on (run seed, epoch, sample index, stream)."""
-    x = _splitmix64(seed & _MASK64)
-    for part in (epoch, index, stream):
-        x = _splitmix64(x ^ (part & _MASK64))
-    return x >> 1
-
-
-def per_sample_uniform(seeds: torch.Tensor, shape: tuple[int, ...], stream: int = 0, device=None) -> torch.Tensor:
-    """(B, *shape) uniform [0, 1) noise; row b is a pure function of (seeds[b], stream)."""
-    rows = []
-    generator = torch.Generator()
-    for seed in seeds.tolist():
-        generator.manual_seed(_splitmix64(seed ^ stream) >> 1)
-        rows.append(torch.rand(shape, generator=generator))
-    return torch.stack(rows).to(device)
 
 
 @dataclass

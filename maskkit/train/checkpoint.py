@@ -218,11 +218,11 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-def export_backbone(backbone, config: dict, path: Path) -> Path:
-    """Backbone-only weights (e.g. the ViT encoder) plus its config, for downstream use."""
+def export_module(module, config: dict, path: Path) -> Path:
+    """One exported network (the ViT encoder, a text tower) plus its config, for downstream use."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(weights, tmp, metadata={"config": json.dumps(config)})
     publish_mode(tmp)
     os.replace(tmp, path)

@@ -18,11 +18,11 @@ class MAEWithQueueAndTeacher(MAE):
     """MAE plus a feature queue filled after every step (like MoCo) and a frozen teacher (like TinyBERT)."""
 
     name = "mae_queue"
-    frozen_prefixes = ("teacher.",)
 
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)
-        self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.teacher = copy.deepcopy(self.encoder)
+        self.freeze(self.teacher)
         self.register_buffer("queue", torch.zeros(8, cfg.encoder.dim))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
 
@@ -32,7 +32,7 @@ class MAEWithQueueAndTeacher(MAE):
             self.last_features = self.teacher(batch["images"])[:, 0]
         return out
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, total_steps: int) -> None:
         features = self.encoder.cls_token[0].detach() + self.last_features.mean(0)
         self.queue[self.queue_pointer % len(self.queue)] = features
         self.queue_pointer += 1
@@ -54,3 +54,68 @@ def test_queues_resume_exactly_and_frozen_parts_stay_out(tmp_path, monkeypatch):
     assert not any(key.startswith("teacher.") for key in a)
     assert int(a["queue_pointer"]) == 6 and a["queue"][:6].abs().sum() > 0
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class WithDropoutTeacher(MAE):
+    """A frozen part with dropout: it must stay in eval mode while the method trains."""
+
+    name = "mae_dropout_teacher"
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__(cfg)
+        self.teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+        self.freeze(self.teacher)
+        self.steps_seen = []
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.steps_seen.append((step, total_steps))
+        x = torch.ones(64, 4)
+        assert not self.teacher.training and torch.equal(self.teacher(x), self.teacher(x))   # dropout is off
+        assert self.encoder.training
+
+
+def test_a_frozen_part_keeps_dropout_off_while_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "mae_dropout_teacher", (WithDropoutTeacher, MAEConfig))
+    cfg = config_from_dict({**tiny_config_dict(train={"steps": 3}), "method": "mae_dropout_teacher"})
+    method = WithDropoutTeacher(cfg.model)
+    method.train()
+    assert not method.teacher.training and not method.teacher[1].training and method.encoder.training
+    assert method.frozen_prefixes == ("teacher.",)
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+
+    captured = {}
+    original = WithDropoutTeacher.after_step
+
+    def record(self, step, total_steps):
+        original(self, step, total_steps)
+        captured["steps"] = list(self.steps_seen)
+
+    monkeypatch.setattr(WithDropoutTeacher, "after_step", record)
+    train(cfg, tmp_path / "run", progress=False)
+    assert captured["steps"] == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_freeze_takes_only_a_sub_module():
+    method = MAE(config_from_dict(tiny_config_dict()).model)
+    import pytest
+
+    with pytest.raises(ValueError, match="sub-module"):
+        method.freeze(torch.nn.Linear(2, 2))
+
+
+def test_bf16_autocast_trains_and_a_method_can_refuse_it(tmp_path, monkeypatch):
+    from maskkit.errors import MaskkitError
+
+    result = train(config_from_dict(tiny_config_dict(train={"steps": 2, "precision": "bf16"})), tmp_path / "run",
+                   progress=False)
+    assert result.final_step == 2 and torch.isfinite(torch.tensor(result.final_loss))
+
+    class FP32Only(MAE):
+        name = "fp32_only"
+        supports_bf16 = False
+
+    monkeypatch.setitem(METHODS, "fp32_only", (FP32Only, MAEConfig))
+    import pytest
+
+    with pytest.raises(MaskkitError, match="train.precision=bf16 is not supported by fp32_only"):
+        config_from_dict({**tiny_config_dict(train={"precision": "bf16"}), "method": "fp32_only"})
