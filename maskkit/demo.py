@@ -13,7 +13,7 @@ from pathlib import Path
 
 from maskkit.config import load_config
 from maskkit.eval.run import evaluate_backbones, load_backbone
-from maskkit.train.checkpoint import atomic_write_text
+from maskkit.files import atomic_write_text, pyplot
 from maskkit.train.loop import train
 
 log = logging.getLogger("maskkit")
@@ -62,10 +62,7 @@ def format_table(summary: dict, out_dir: Path) -> str:
 
 
 def plot_comparison(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     positions = range(len(PROTOCOLS))

@@ -47,6 +47,15 @@ class ImageAugment:
         )
         return corners, u[:, 4] < 0.5
 
+    def prepare(self, batch: dict, keys: torch.Tensor, device: torch.device) -> dict:
+        """The data layer's `prepare`: move the batch to `device`, crop, flip and normalise its images there."""
+        from maskkit.data import to_device
+
+        batch = to_device(batch, device)
+        batch["seed"] = keys
+        batch["images"] = self(batch["images"], keys)
+        return batch
+
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> augmented, normalised (B, C, size, size)."""
         corners, flip = self.boxes(seeds, images.shape[-2], images.shape[-1])

@@ -29,8 +29,7 @@ from maskkit.data.augment import ImageAugment
 from maskkit.data.images import batch_size_of, collate
 from maskkit.eval.features import extract_features
 from maskkit.nn.transformer import ViT
-from maskkit.rng import Stream, scalar_seed
-from maskkit.train.loop import prepare_batch
+from maskkit.rng import Stream, sample_keys, scalar_seed
 from maskkit.train.optim import lr_at, param_groups
 
 WEIGHT_DECAY = 0.05       # MAE's fine-tuning setting; norms, biases and tokens are exempt (see param_groups)
@@ -91,8 +90,8 @@ def finetune(
         for batch in DataLoader(train_set, batch_sampler=batches, collate_fn=collate):
             batch.pop("unreadable")
             if batch_size_of(batch):  # else every image of this batch was unreadable
-                batch["epoch"] = torch.full_like(batch["index"], epoch)
-                batch = prepare_batch(batch, augment, seed, device)   # crop, flip, normalise
+                keys = sample_keys(seed, torch.full_like(batch["index"], epoch), batch["index"]).to(device)
+                batch = augment.prepare(batch, keys, device)          # crop, flip, normalise
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, lr, schedule)
                 loss = F.cross_entropy(model(batch["images"]), batch["label"], label_smoothing=LABEL_SMOOTHING)

@@ -22,10 +22,11 @@ from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune
 from maskkit.eval.knn import knn_accuracy
 from maskkit.eval.linear_probe import linear_probe
+from maskkit.files import atomic_write_text
+from maskkit.methods import build_method
 from maskkit.nn.transformer import ViT, ViTConfig
-from maskkit.train.checkpoint import atomic_write_text, check_state_dict, find_checkpoint, load_weights, read_state
+from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
-from maskkit.train.loop import build_method
 
 PROTOCOLS = ("linear", "knn", "finetune")
 

@@ -7,4 +7,12 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "mae": (MAE, MAEConfig),
 }
 
-__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig"]
+
+
+def build_method(cfg) -> Method:
+    """The method a config names, built from its `model:` section."""
+    method_cls, _ = METHODS[cfg.method]
+    return method_cls(cfg.model)
+
+
+__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "build_method"]

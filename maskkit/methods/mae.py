@@ -14,6 +14,7 @@ from torch import nn
 
 from maskkit.data.images import DataConfig
 from maskkit.errors import require, require_float, require_int
+from maskkit.files import pyplot
 from maskkit.methods.base import Method, MethodOutput
 from maskkit.nn.masking import Masking, gather_tokens, num_kept, random_masking
 from maskkit.nn.pos_embed import sincos_2d
@@ -171,10 +172,7 @@ class MAE(Method):
         return unpatchify(pasted, self.patch_size, channels), mask_image
 
     def save_figures(self, batch, out_dir: Path, denormalize=lambda x: x) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         images = batch["images"][:8]
         noise = batch["noise"][:8] if "noise" in batch else None

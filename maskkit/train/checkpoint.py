@@ -22,19 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maskkit.errors import MaskkitError
+from maskkit.files import atomic_write_text, publish_mode
 
 FORMAT_VERSION = 1
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish_mode(path: Path) -> None:
-    """Give a finished file the mode `open()` would (0644 under the usual umask): safetensors writes 0600."""
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -62,15 +52,6 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

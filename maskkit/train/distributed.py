@@ -4,6 +4,7 @@
 maskkit runs as a single process and every function here is a no-op.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,30 @@ def setup(device_preference: str = "auto") -> DistInfo:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(method: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """The module the loop calls: DDP around the method when there are several ranks, else the method."""
+    if not info.enabled:
+        return method
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(method, device_ids=device_ids)
+
+
+def no_sync(model: torch.nn.Module, sync: bool):
+    """A context in which backward accumulates gradients without the all-reduce (all but the last micro-batch)."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of the wrapped model's parameters (after DDP's all-reduce every rank
+    holds the same gradients, so every rank clips alike); returns the norm before clipping."""
+    module = model.module if hasattr(model, "module") else model
+    return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

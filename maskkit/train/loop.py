@@ -16,26 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from maskkit.config import Config, config_changes, config_to_dict, save_config
-from maskkit.data.augment import ImageAugment
-from maskkit.data.images import batch_size_of, build_image_dataset, collate, report_unreadable
+from maskkit.data import Data, build_data
+from maskkit.data.images import batch_size_of, report_unreadable
 from maskkit.errors import MaskkitError
-from maskkit.methods import METHODS, Method
+from maskkit.methods import build_method
 from maskkit.rng import Stream, sample_keys, scalar_seed
 from maskkit.train import checkpoint, distributed
 from maskkit.train.metrics import plot_loss_curve, start_metrics
 from maskkit.train.optim import build_optimizer, lr_at, peak_learning_rate
 
 log = logging.getLogger("maskkit")
-
-
-def build_method(cfg: Config) -> Method:
-    method_cls, _ = METHODS[cfg.method]
-    return method_cls(cfg.model)
 
 
 class StepSampler(Sampler):
@@ -168,20 +162,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             save_config(cfg, run_dir / "config.yaml")
     config_dict = config_to_dict(cfg)
 
-    dataset = build_image_dataset(cfg.data, "train")
-    augment = ImageAugment(cfg.data)
-    sampler = StepSampler(len(dataset), tcfg.batch_size, info.rank, info.world_size,
+    data = build_data(cfg.data, "train")
+    sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,
                           tcfg.accumulation_steps, tcfg.seed, start_step)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        pin_memory=info.device.type == "cuda")
+    loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=data.collate,
+                        num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
     batches = iter(loader)
     if rng_state is not None:
         checkpoint.restore_rng(rng_state)
 
-    model = method
-    if info.enabled:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        model = DistributedDataParallel(method, device_ids=device_ids)
+    model = distributed.wrap(method, info)
     # bf16 autocast on CUDA, or on a CPU with AMX (4x fp32 there; ~400x slower on a CPU without it).
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16"
                 else contextlib.nullcontext())
@@ -218,15 +208,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 if counts[m] == 0:
                     # Unreadable files left this rank's share empty while other ranks have samples: it
                     # still runs forward/backward (on a stand-in with weight 0) so DDP's all-reduce meets.
-                    batch = last_batch if last_batch is not None else _first_readable(dataset)
+                    batch = last_batch if last_batch is not None else _first_readable(data)
                 else:
                     last_batch = batch
-                prepared = prepare_batch(batch, augment, tcfg.seed, info.device)
+                prepared = prepare(data, batch, tcfg.seed, info.device)
                 # The step's loss is the mean over all readable samples of the global batch: DDP averages
                 # gradients over ranks, so this rank's mean loss is weighted by its share of the samples.
                 weight = float(counts[m]) * info.world_size / total
                 sync = position == len(running) - 1 or not info.enabled
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                with distributed.no_sync(model, sync), autocast:
                     out = model(prepared)
                     loss = out.loss * weight if weight > 0 else out.loss * 0.0
                 loss.backward()
@@ -248,7 +238,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                     raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, {kept}")
                 final_loss = loss_value
                 if cfg.optim.clip_grad > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+                    grad_norm = distributed.clip_gradients(model, cfg.optim.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_step(step, tcfg.steps)
@@ -288,18 +278,17 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             backbone_path = path if name == "backbone" else backbone_path
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         if last_batch is not None:
-            method.save_figures(prepare_batch(last_batch, augment, tcfg.seed, info.device), run_dir,
-                                augment.denormalize)
+            method.save_figures(prepare(data, last_batch, tcfg.seed, info.device), run_dir, data.denormalize)
     if info.is_main and unreadable:
         log.warning("skipped %d unreadable image files during training (each named above)", len(unreadable))
     distributed.barrier()
     return TrainResult(run_dir=run_dir, final_step=step, final_loss=final_loss, backbone_path=backbone_path)
 
 
-def _first_readable(dataset) -> dict:
+def _first_readable(data: Data) -> dict:
     """A one-sample batch of the first decodable item: the stand-in for a rank left without samples."""
-    for index in range(len(dataset)):
-        batch = collate([dataset[index]])
+    for index in range(len(data.dataset)):
+        batch = data.collate([data.dataset[index]])
         if batch_size_of(batch):
             batch.pop("unreadable")
             return batch
@@ -335,12 +324,7 @@ class Progress:
         self.bar.close()
 
 
-def prepare_batch(batch: dict, augment: ImageAugment, seed: int, device: torch.device) -> dict:
-    """Move to the device, attach per-sample keys of (run seed, epoch, index), augment on the device.
-
-    batch["seed"] (B,) int64 are the keys every per-sample draw starts from (`maskkit.rng.uniform`).
-    """
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    batch["seed"] = sample_keys(seed, batch["epoch"], batch["index"])
-    batch["images"] = augment(batch["images"], batch["seed"])
-    return batch
+def prepare(data: Data, batch: dict, seed: int, device: torch.device) -> dict:
+    """The data layer's `prepare`, with each sample's key of (run seed, epoch, index) computed on `device`."""
+    keys = sample_keys(seed, batch["epoch"].to(device), batch["index"].to(device))
+    return data.prepare(batch, keys, device)

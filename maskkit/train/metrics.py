@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from maskkit.files import pyplot
+
 log = logging.getLogger("maskkit")
 
 
@@ -39,10 +41,7 @@ def start_metrics(path: Path, resume_step: int | None):
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in read_metrics(metrics_path) if "loss" in r]
     if not rows:

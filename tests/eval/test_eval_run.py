@@ -13,9 +13,10 @@ from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset
 from maskkit.errors import MaskkitError
 from maskkit.eval import evaluate, evaluate_backbones, load_backbone
+from maskkit.methods import build_method
 from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.train.checkpoint import find_checkpoint
-from maskkit.train.loop import build_method, train
+from maskkit.train.loop import train
 
 TINY = {
     "method": "mae",

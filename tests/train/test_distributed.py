@@ -78,7 +78,7 @@ def test_two_ranks_match_one_rank_when_a_rank_has_only_unreadable_files(tmp_path
 
 
 def build_method_weights(cfg) -> dict[str, torch.Tensor]:
-    from maskkit.train.loop import build_method
+    from maskkit.methods import build_method
 
     torch.manual_seed(cfg.train.seed)
     return build_method(cfg).trainable_state_dict()

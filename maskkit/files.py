@@ -1,0 +1,36 @@
+"""Small file helpers that training, evaluation and the demo share: atomic writes, file modes, plots."""
+
+import os
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write under a temporary name (carrying this PID) and rename: readers see the old file or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a finished file the mode `open()` would (0644 under the usual umask): safetensors writes 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), imported only when a figure is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
