@@ -210,7 +210,8 @@ class ImageFolder(Dataset):
         loose = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if class_dirs and loose:
             raise MaskkitError(
-                f"data.path: {path} has {len(loose)} images at its top level next to class sub-folders "
+                f"data.path: {path} has {len(loose)} image{'s' if len(loose) > 1 else ''} at its top level next to "
+                f"class sub-folders "
                 f"({', '.join(d.name for d in class_dirs[:3])}{', ...' if len(class_dirs) > 3 else ''}); move the "
                 "loose images into a sub-folder (or the sub-folders out) so that every image has a class or none does"
             )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from maskkit.data.images import batch_size_of, collate
+from maskkit.data.images import batch_size_of, collate, report_unreadable
 from maskkit.errors import MaskkitError
 
 
@@ -33,6 +33,8 @@ def extract_features(
     features, labels = [], []
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+            for path in batch["unreadable"]:
+                report_unreadable(path, "cannot be decoded")
             if not batch_size_of(batch):
                 continue  # every image of this batch was unreadable
             images = normalize(batch["images"].to(device))                     # (B, C, H, W)

@@ -79,7 +79,7 @@ def test_a_file_that_opens_but_does_not_decode_is_dropped_by_collate(tmp_path):
 def test_loose_images_next_to_class_folders_are_refused(tmp_path):
     root = write_folder(tmp_path / "images", corrupt=False)
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "loose.png")
-    with pytest.raises(MaskkitError, match=r"1 images at its top level next to class sub-folders \(cats, dogs\)"):
+    with pytest.raises(MaskkitError, match=r"1 image at its top level next to class sub-folders \(cats, dogs\)"):
         ImageFolder(str(root), 16)
 
 

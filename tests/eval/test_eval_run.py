@@ -111,3 +111,16 @@ def test_errors_name_what_is_wrong(run_dir, tmp_path):
     save_file(ViT(small).state_dict(), wrong, metadata=metadata)
     with pytest.raises(MaskkitError, match="wrong.safetensors.*shape"):
         load_backbone(wrong)
+
+
+def test_evaluation_counts_and_names_undecodable_test_images(tmp_path, caplog):
+    from tests.data.test_images import truncated_png, write_folder
+
+    root = write_folder(tmp_path / "images", corrupt=False)
+    truncated_png(root / "cats" / "-truncated.png")          # sorts first: a held-out position
+    cfg = config_from_dict({**TINY, "data": {"name": "folder", "path": str(root), "image_size": 16,
+                                              "eval_split": 0.5}})
+    result = evaluate_backbones(ViT(cfg.model.encoder), cfg, ["knn"], progress=False)["knn"]
+    # Held out: 3 of the 5 cats (the broken one among them) and 2 of the 4 dogs: 4 readable test images.
+    assert (result["num_train"], result["num_test"]) == (4, 4)
+    assert "-truncated.png" in caplog.text
