@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
-    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune"], default="knn")
+    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune", "zero-shot", "retrieval"], default="knn")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=10 data.name=folder")
     evaluate.add_argument("--device", default="cpu")
 
@@ -87,13 +87,22 @@ def main(argv: list[str] | None = None) -> int:
 def format_eval(result: dict) -> str:
     """A short table of one protocol's result (the full record is in eval.json)."""
     pretrained, random_init = result["pretrained"], result["random_init"]
-    return "\n".join([
-        f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test images)",
+    headline = {"zero-shot": "accuracy on held-out pairs" if result["dataset"] == "shapes" else "accuracy",
+                "retrieval": "mean R@1 (image->text, text->image)"}.get(result["protocol"], "accuracy")
+    lines = [
+        f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test images)"
+        f" -- {headline}",
         f"  {'pretrained':<12} {pretrained:.3f}",
         f"  {'random init':<12} {random_init:.3f}",
         f"  {'gain':<12} {pretrained - random_init:+.3f}",
-        f"checkpoint {result['checkpoint']}; recorded in {result['eval_json']}",
-    ])
+    ]
+    if "pretrained_seen_pairs" in result:
+        lines.append(f"  seen pairs: pretrained {result['pretrained_seen_pairs']:.3f}, random init "
+                     f"{result['random_init_seen_pairs']:.3f} (chance {result['chance']:.3f})")
+    if "pretrained_recall" in result:
+        lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
+    lines.append(f"checkpoint {result['checkpoint']}; recorded in {result['eval_json']}")
+    return "\n".join(lines)
 
 
 def run(args) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from maskkit.data.images import DATA_SETS, DataConfig
+from maskkit.data.pairs import PairDataConfig, check_pair_data
 from maskkit.errors import MaskkitError, require, require_float, require_int
 
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
@@ -72,10 +73,13 @@ class Config:
     name: str = "run"
     method: str = "mae"
     model: Any = None                # the method's config dataclass, chosen by `method`
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = field(default_factory=DataConfig)   # DataConfig (kind: image) or PairDataConfig (kind: pairs)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+DATA_KINDS = {"image": DataConfig, "pairs": PairDataConfig}
 
 
 def _type_name(tp) -> str:
@@ -164,8 +168,15 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
         raise MaskkitError(f"{source}: unknown method {method!r}; choose from {', '.join(METHODS)}")
     model_cls = METHODS[method][1]
     model = build_dataclass(model_cls, values.pop("model", None) or {}, source, prefix="model.")
+    data_values = values.pop("data", None) or {}
+    if not isinstance(data_values, dict):
+        raise MaskkitError(f"{source}: key 'data' must be a mapping of data fields, got {data_values!r}")
+    kind = data_values.get("kind", "image")
+    if kind not in DATA_KINDS:
+        raise MaskkitError(f"{source}: data.kind must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
+    data = build_dataclass(DATA_KINDS[kind], data_values, source, prefix="data.")
     cfg = build_dataclass(Config, values, source)
-    cfg.model = model
+    cfg.model, cfg.data = model, data
     validate(cfg, source)
     return cfg
 
@@ -205,11 +216,15 @@ def validate(cfg: Config, source: str = "config") -> None:
         require_float(source, f"eval.{key}", getattr(e, key), 0.0, low_open=True)
 
     check_crop_scale(source, "eval.finetune_crop_scale", e.finetune_crop_scale)
-    check_data(cfg.data, source)
+    if cfg.data.kind == "pairs":
+        check_pair_data(cfg.data, source)
+    else:
+        check_data(cfg.data, source)
     cfg.model.check(cfg.data, source)
 
 
 def check_data(d: DataConfig, source: str) -> None:
+    require(d.kind == "image", source, "data.kind", d.kind, "image for these fields")
     for name in d.name.split("+"):
         require(name in DATA_SETS, source, "data.name", d.name,
                 f"one of {', '.join(DATA_SETS)} or a '+'-joined mixture of them (e.g. photos+digits)")
@@ -220,6 +235,12 @@ def check_data(d: DataConfig, source: str) -> None:
     require_int(source, "data.photo_crops", d.photo_crops, 1)
     require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
     require_int(source, "data.num_workers", d.num_workers, 0, 256)
+    check_normalisation(d, source)
+    check_crop_scale(source, "data.crop_scale", d.crop_scale)
+
+
+def check_normalisation(d, source: str) -> None:
+    """data.mean / data.std: one finite value per channel, positive deviations."""
     for key in ("mean", "std"):
         values = getattr(d, key)
         require(len(values) == d.in_channels, source, f"data.{key}", values,
@@ -227,7 +248,6 @@ def check_data(d: DataConfig, source: str) -> None:
     for i, (mean, std) in enumerate(zip(d.mean, d.std, strict=True)):
         require(math.isfinite(mean), source, f"data.mean[{i}]", mean, "a finite number")
         require_float(source, f"data.std[{i}]", std, 0.0, low_open=True)
-    check_crop_scale(source, "data.crop_scale", d.crop_scale)
 
 
 def check_crop_scale(source: str, key: str, scale: list[float]) -> None:

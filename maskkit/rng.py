@@ -43,6 +43,7 @@ class Stream(IntEnum):
     PERMUTATION = 6    # a factorisation order (XLNet, PMLM)
     CORRUPTION = 7     # energy-based pretraining's corruptions
     PHOTO = 8          # which crop of which photo a `photos` item is (fixed, epoch 0)
+    SCENE = 9          # what a generated shapes-world image shows (fixed per item)
 
 
 # Python reference (also used for the few scalar seeds: a run's order, a photo crop).

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maskkit.config import Config, config_from_dict
+from maskkit.data.images import DataConfig
 from maskkit.errors import MaskkitError
 from maskkit.methods.mae import MAEConfig
 from maskkit.train.loop import train
@@ -30,6 +31,8 @@ def leaf_fields(cls, prefix: str = "") -> dict[str, type]:
         tp = hints[field.name]
         if field.name == "model":
             fields.update(leaf_fields(MAEConfig, "model."))
+        elif field.name == "data":
+            fields.update(leaf_fields(DataConfig, "data."))
         elif dataclasses.is_dataclass(tp):
             fields.update(leaf_fields(tp, f"{prefix}{field.name}."))
         else:

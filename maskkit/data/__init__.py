@@ -9,13 +9,16 @@ data set slots in without touching them:
                    augmented (images) or tokenised (text), with the keys as batch["seed"]
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from maskkit.data.images import DataConfig, build_image_dataset, collate
+from maskkit.data.images import build_image_dataset, collate
+
+log = logging.getLogger("maskkit")
 
 
 @dataclass
@@ -23,15 +26,27 @@ class Data:
     dataset: Dataset
     collate: Callable[[list], dict]
     prepare: Callable[[dict, torch.Tensor, torch.device], dict]
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None     # [0, 1] pixels -> model input (no augmentation)
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None   # model input -> displayable pixels
+    tokenizer: object | None = None    # text and pair data: the Tokenizer that collate uses
 
 
-def build_data(cfg: DataConfig, split: str = "train") -> Data:
-    """split: "train" (pretraining, probe training), "test" (held out) or "all"."""
+def build_data(cfg, split: str = "train") -> Data:
+    """cfg: a DataConfig (kind image) or PairDataConfig (kind pairs); split: "train", "test" (held out) or "all"."""
     from maskkit.data.augment import ImageAugment
 
     augment = ImageAugment(cfg)
-    return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.denormalize)
+    if cfg.kind == "pairs":
+        from maskkit.data.pairs import PairCollate, build_pair_dataset, captions_of, count_truncated, pair_tokenizer
+
+        dataset = build_pair_dataset(cfg, split)
+        tokenizer = pair_tokenizer(cfg)
+        truncated = count_truncated(tokenizer, captions_of(dataset))
+        if truncated:
+            log.warning("%d of the %d captions are longer than data.context_length=%d tokens and are truncated",
+                        truncated, len(dataset), cfg.context_length)
+        return Data(dataset, PairCollate(tokenizer), augment.prepare, augment.normalize, augment.denormalize, tokenizer)
+    return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.normalize, augment.denormalize)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

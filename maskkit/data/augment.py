@@ -10,14 +10,13 @@ import math
 import torch
 from kornia.geometry.transform import crop_and_resize
 
-from maskkit.data.images import DataConfig
 from maskkit.rng import Stream, uniform
 
 
 class ImageAugment:
     """Random resized crop + horizontal flip, then normalisation with the data set's mean and std."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg):
         self.size = cfg.image_size
         self.scale = tuple(cfg.crop_scale)
         self.log_ratio = (math.log(3 / 4), math.log(4 / 3))
@@ -52,6 +51,8 @@ class ImageAugment:
         from maskkit.data import to_device
 
         batch = to_device(batch, device)
+        # A segmentation mask is for evaluating on un-augmented images: a crop would misalign it.
+        batch.pop("mask", None)
         batch["seed"] = keys
         batch["images"] = self(batch["images"], keys)
         return batch

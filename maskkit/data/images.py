@@ -33,6 +33,7 @@ PHOTO_NAMES = (
 
 @dataclass
 class DataConfig:
+    kind: str = "image"               # image | pairs (image-text, see pairs.PairDataConfig)
     name: str = "digits"              # digits | photos | folder | a "+"-joined mixture, e.g. photos+digits
     path: str = ""                    # the folder for `folder`
     image_size: int = 32
@@ -280,19 +281,26 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict | Unreadable:
+        image = self.load(self.files[i], self.image_size, self.channels)
+        if isinstance(image, Unreadable):
+            if self.strict:
+                raise MaskkitError(f"unreadable image {image.path}: {image.reason} (data.strict=false skips such files)")
+            return image
+        return {"images": image, "label": self.labels[i]}
+
+    @staticmethod
+    def load(path: Path, image_size: int, channels: int) -> torch.Tensor | Unreadable:
+        """(channels, image_size, image_size) in [0, 1], or Unreadable(path, reason)."""
         from PIL import Image, UnidentifiedImageError
 
-        path = self.files[i]
         try:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB" if self.channels == 3 else "L"), dtype=np.float32) / 255.0
+                array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-            if self.strict:
-                raise MaskkitError(f"unreadable image {path}: {error} (data.strict=false skips such files)") from None
             return Unreadable(str(path), str(error) or type(error).__name__)
         image = torch.from_numpy(array)
         image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
-        return {"images": resize(image, self.image_size), "label": self.labels[i]}
+        return resize(image, image_size)
 
 
 class Indexed(Dataset):

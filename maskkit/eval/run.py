@@ -28,7 +28,8 @@ from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 
-PROTOCOLS = ("linear", "knn", "finetune")
+PROTOCOLS = ("linear", "knn", "finetune", "zero-shot", "retrieval")
+TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 
 
 def find_weights(path: str | Path) -> Path:
@@ -103,6 +104,55 @@ def _from_safetensors(file: Path) -> tuple[ViT, Config]:
     check_state_dict(weights, backbone.state_dict(), file)
     backbone.load_state_dict(weights)
     return backbone, run_cfg
+
+
+def load_method(source: Path):
+    """(method, config) of a checkpoint, for protocols that need more than the backbone (both towers)."""
+    if not source.is_dir():
+        raise MaskkitError(f"{source}: zero-shot and retrieval need a run or checkpoint directory (both towers), "
+                           "not an exported backbone")
+    state = read_state(source)
+    cfg = config_from_dict(state.get("config") or {}, source=str(source / "state.json"))
+    method = build_method(cfg)
+    load_weights(method, source)
+    if not hasattr(method, "encode_text"):
+        raise MaskkitError(f"{source}: method {cfg.method!r} has no text tower; zero-shot and retrieval need one (flip)")
+    return method, cfg
+
+
+def evaluate_two_towers(method, cfg: Config, protocol: str, device="cpu", seed: int = 0) -> dict:
+    """Zero-shot classification or retrieval for `method` and for the same model with random weights."""
+    from maskkit.data import build_data
+    from maskkit.data.pairs import CLASS_NAMES, DIGIT_NAMES
+    from maskkit.eval.zero_shot import DIGIT_TEMPLATES, SHAPE_TEMPLATES, retrieval_recall, zero_shot_accuracy
+
+    device = _device(device)
+    data_cfg = cfg.data
+    if data_cfg.name not in ("shapes", "digits") and protocol == "zero-shot":
+        raise MaskkitError(f"zero-shot needs class names: data.name=shapes or digits, not {data_cfg.name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_init = build_method(cfg)
+    models = {"pretrained": copy.deepcopy(method).to(device), "random_init": random_init.to(device)}
+    result = {"protocol": protocol, "dataset": data_cfg.name, "num_train": 0}
+    if protocol == "zero-shot":
+        names, templates = (CLASS_NAMES, SHAPE_TEMPLATES) if data_cfg.name == "shapes" else (DIGIT_NAMES, DIGIT_TEMPLATES)
+        test = build_data(data_cfg, "test")
+        seen = build_data(data_cfg, "seen") if data_cfg.name == "shapes" else None
+        result["num_test"] = len(test.dataset)
+        for name, model in models.items():
+            result[name] = zero_shot_accuracy(model, test, names, templates, device=device)
+            if seen is not None:
+                result[f"{name}_seen_pairs"] = zero_shot_accuracy(model, seen, names, templates, device=device)
+        result["chance"] = 1 / len(names)
+        return result
+    test = build_data(data_cfg, "val" if data_cfg.name == "shapes" else "test")
+    result["num_test"] = len(test.dataset)
+    for name, model in models.items():
+        recalls = retrieval_recall(model, test, device=device)
+        result[f"{name}_recall"] = recalls
+        result[name] = (recalls["image_to_text_R@1"] + recalls["text_to_image_R@1"]) / 2   # the headline number
+    return result
 
 
 def _check_protocol(protocol: str) -> None:
@@ -206,12 +256,18 @@ def evaluate(
         if override.strip().startswith("model."):
             raise MaskkitError(f"override {override!r}: the model's shape comes from the saved weights, not the config")
     source = find_weights(path)
-    backbone, cfg = load_backbone(source)
+    if protocol in TWO_TOWER_PROTOCOLS:
+        method, cfg = load_method(source)
+    else:
+        backbone, cfg = load_backbone(source)
     if overrides:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)), source="overrides")
     if cfg.train.threads and _device(device).type == "cpu":
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
-    result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
+    if protocol in TWO_TOWER_PROTOCOLS:
+        result = evaluate_two_towers(method, cfg, protocol, device, seed)
+    else:
+        result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
     result["checkpoint"] = str(source)
     path = _eval_json_path(source)
     try:

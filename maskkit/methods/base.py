@@ -43,6 +43,10 @@ class Method(nn.Module):
         config = getattr(self.backbone, "cfg", None)
         return {"backbone": (self.backbone, dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {})}
 
+    def check_data(self, data) -> None:
+        """Called once the training data is built (`maskkit.data.Data`): e.g. the tokenizer's vocabulary
+        against the model's embedding table. Raise MaskkitError naming the key to change. Default: nothing."""
+
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step with the number of steps done before it (0-based) and the
         run's total (momentum and weight schedules need both). Default: nothing."""

@@ -177,3 +177,86 @@ class ViT(nn.Module):
         if pool in ("mean", "cls"):
             return tokens[:, 1:].mean(1) if self.cls_token is not None else tokens.mean(1)
         raise MaskkitError(f"unknown pool {pool!r}; use 'cls' or 'mean'")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30522          # set from the tokenizer when the model is built for a data set
+    context_length: int = 32         # longest token sequence; longer captions are truncated (and counted)
+    dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    causal: bool = False             # FLIP's text tower is bidirectional; CLIP's is causal
+    pool: str = "cls"                # cls (first token) | mean (over real tokens) | eot (last real token, CLIP)
+
+    def check(self, source: str, prefix: str = "model.text") -> None:
+        require_int(source, f"{prefix}.vocab_size", self.vocab_size, 2)
+        require_int(source, f"{prefix}.context_length", self.context_length, 2, 4096)
+        require_int(source, f"{prefix}.depth", self.depth, 1)
+        require_int(source, f"{prefix}.num_heads", self.num_heads, 1)
+        require_int(source, f"{prefix}.dim", self.dim, 1)
+        require(self.dim % self.num_heads == 0, source, f"{prefix}.dim", self.dim,
+                f"divisible by {prefix}.num_heads={self.num_heads}")
+        check_mlp_ratio(source, f"{prefix}.mlp_ratio", self.mlp_ratio, self.dim)
+        require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
+        require(self.pool in ("cls", "mean", "eot"), source, f"{prefix}.pool", self.pool, "cls, mean or eot")
+
+
+class TextTransformer(nn.Module):
+    """Token + learned position embeddings, pre-norm blocks, a final LayerNorm, and pooling.
+
+    forward(ids (B, L), attention_mask (B, L) with 1 = real token) -> (B, L, D) tokens. Padding is
+    never attended to (it is masked out of every key set), so padded and unpadded captions give the
+    same features; `causal` adds the autoregressive mask (token i sees tokens <= i).
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.position_embedding = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.01)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) 1 = real -> (B, 1, L, L) boolean, True = may attend."""
+        length = attention_mask.shape[1]
+        allowed = attention_mask.bool()[:, None, None, :].expand(-1, 1, length, -1)
+        if self.cfg.causal:
+            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
+        return allowed
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length = ids.shape
+        if length > self.cfg.context_length:
+            raise MaskkitError(f"token ids of shape {tuple(ids.shape)} are longer than the context length "
+                               f"{self.cfg.context_length} (model.text.context_length)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        x = self.token_embedding(ids) + self.position_embedding[:, :length].to(self.token_embedding.weight.dtype)
+        mask = self.attention_mask(attention_mask)
+        for block in self.blocks:
+            x = block(x, attn_mask=mask)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, D) by the configured pooling."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        real = attention_mask.to(tokens.dtype)
+        if self.cfg.pool == "mean":
+            return (tokens * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+        last = attention_mask.long().sum(1) - 1                               # (B,) the last real token
+        return tokens[torch.arange(len(tokens), device=tokens.device), last]
+
+    def features(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(self(ids, attention_mask), attention_mask)

@@ -163,6 +163,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     config_dict = config_to_dict(cfg)
 
     data = build_data(cfg.data, "train")
+    method.check_data(data)
     sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,
                           tcfg.accumulation_steps, tcfg.seed, start_step)
     loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=data.collate,
@@ -212,6 +213,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 else:
                     last_batch = batch
                 prepared = prepare(data, batch, tcfg.seed, info.device)
+                prepared["step"], prepared["total_steps"] = step, tcfg.steps    # schedules inside a method
                 # The step's loss is the mean over all readable samples of the global batch: DDP averages
                 # gradients over ranks, so this rank's mean loss is weighted by its share of the samples.
                 weight = float(counts[m]) * info.world_size / total

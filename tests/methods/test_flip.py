@@ -1,0 +1,147 @@
+"""FLIP (Li et al. 2022): masking in training only, unmasked tuning, the symmetric InfoNCE, 2 ranks == 1 rank,
+bitwise resume across the switch to unmasked tuning."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from maskkit.config import config_from_dict
+from maskkit.data import build_data
+from maskkit.errors import MaskkitError
+from maskkit.methods.flip import FLIP
+from maskkit.rng import sample_keys
+from maskkit.train import checkpoint, distributed
+from maskkit.train.loop import train
+
+
+def flip_config_dict(**sections) -> dict:
+    from tests.conftest import deep_update
+
+    values = {
+        "name": "flip-test",
+        "method": "flip",
+        "model": {"encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "num_heads": 2},
+                  "text": {"vocab_size": 128, "context_length": 16, "dim": 32, "depth": 1, "num_heads": 2},
+                  "embed_dim": 16, "mask_ratio": 0.5, "unmasked_steps": 2},
+        "data": {"kind": "pairs", "name": "shapes", "image_size": 16, "num_samples": 64, "vocab_size": 128,
+                 "context_length": 16},
+        "optim": {"base_lr": 1e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 5},
+    }
+    return deep_update(values, sections)
+
+
+def batch_of(cfg, size: int = 8) -> dict:
+    data = build_data(cfg.data, "train")
+    batch = data.collate([data.dataset[i] for i in range(size)])
+    keys = sample_keys(0, batch["epoch"], batch["index"])
+    return data.prepare(batch, keys, torch.device("cpu"))
+
+
+def tokens_seen_by_encoder(model: FLIP, batch: dict) -> int:
+    seen = {}
+    handle = model.encoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(n=args[0].shape[1]))
+    model(batch)
+    handle.remove()
+    return seen["n"]
+
+
+def test_masking_in_training_only_and_not_during_unmasked_tuning():
+    cfg = config_from_dict(flip_config_dict())
+    model = FLIP(cfg.model)
+    batch = batch_of(cfg)
+    num_patches = model.encoder.num_patches                       # 16, plus the CLS token
+    model.train()
+    assert tokens_seen_by_encoder(model, {**batch, "step": 0, "total_steps": 6}) == 1 + num_patches // 2
+    assert tokens_seen_by_encoder(model, {**batch, "step": 3, "total_steps": 6}) == 1 + num_patches // 2
+    assert tokens_seen_by_encoder(model, {**batch, "step": 4, "total_steps": 6}) == 1 + num_patches   # last 2
+    model.eval()
+    assert tokens_seen_by_encoder(model, {**batch, "step": 0, "total_steps": 6}) == 1 + num_patches
+
+
+def test_symmetric_infonce_by_hand():
+    cfg = config_from_dict(flip_config_dict())
+    model = FLIP(cfg.model)
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    loss, _ = model.contrastive_loss(image, text)
+    logits = (1 / 0.07) * image @ text.T
+    by_hand = 0.0
+    for i in range(4):
+        by_hand += -torch.log_softmax(logits[i], 0)[i] / 8 - torch.log_softmax(logits[:, i], 0)[i] / 8
+    torch.testing.assert_close(loss, by_hand)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))                   # clamped at 100
+    loss_clamped, _ = model.contrastive_loss(image, text)
+    expected = (F.cross_entropy(100 * image @ text.T, torch.arange(4)) + F.cross_entropy(100 * text @ image.T, torch.arange(4))) / 2
+    torch.testing.assert_close(loss_clamped, expected)
+
+
+def test_flip_refuses_image_data_and_a_small_vocabulary(tmp_path):
+    values = flip_config_dict()
+    values["data"] = {"name": "digits", "image_size": 16}
+    with pytest.raises(MaskkitError, match="data.kind must be pairs for method flip"):
+        config_from_dict(values)
+    cfg = config_from_dict(flip_config_dict(model={"text": {"vocab_size": 20}}))
+    with pytest.raises(MaskkitError, match="model.text.vocab_size"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def gradients(cfg, batch: dict, world_size: int, rank: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    method = FLIP(cfg.model)
+    model = distributed.wrap(method, distributed.DistInfo(rank=rank, world_size=world_size))
+    share = len(batch["images"]) // world_size
+    mine = {k: (v[rank * share : (rank + 1) * share] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in batch.items()}
+    model(mine).loss.backward()
+    return {name: p.grad.clone() for name, p in method.named_parameters()}
+
+
+def _rank_main(rank, world_size, init_file, out_dir, cfg_dict, batch_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    batch = load_file(batch_file)
+    batch.update(step=0, total_steps=6)
+    grads = gradients(config_from_dict(cfg_dict), batch, world_size, rank)
+    if rank == 0:
+        save_file(grads, os.path.join(out_dir, "grads.safetensors"))
+    distributed.cleanup()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_gradients_of_the_global_batch(tmp_path):
+    """Each rank's rows against every rank's columns (features gathered with gradients) == one big batch."""
+    cfg_dict = flip_config_dict()
+    cfg = config_from_dict(cfg_dict)
+    batch = {k: v for k, v in batch_of(cfg, 8).items() if torch.is_tensor(v)}
+    save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / "batch.safetensors")
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), cfg_dict, str(tmp_path / "batch.safetensors")),
+             nprocs=2, join=True)
+    two = load_file(tmp_path / "grads.safetensors")
+    one = gradients(cfg, {**batch, "step": 0, "total_steps": 6}, 1, 0)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Without the gather each rank would contrast only its own 4 pairs: a different gradient.
+    assert one["logit_scale"].abs() > 0
+
+
+@pytest.mark.slow
+def test_resumed_flip_run_is_bitwise_identical_across_the_switch_to_unmasked_tuning(tmp_path):
+    cfg = config_from_dict(flip_config_dict())               # steps 4 and 5 are unmasked
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [__import__("json").loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mask_ratio"] for r in rows] == [0.5, 0.5, 0.5, 0.5, 0.0, 0.0]
+    for name in ("backbone.safetensors", "text.safetensors"):
+        assert (tmp_path / "straight" / name).is_file()

@@ -1,0 +1,58 @@
+"""The text Transformer: padding is never attended to, causal means causal, pooling picks the right token."""
+
+import pytest
+import torch
+
+from maskkit.errors import MaskkitError
+from maskkit.nn.transformer import TextConfig, TextTransformer
+
+
+def tiny(**kw) -> TextTransformer:
+    torch.manual_seed(0)
+    return TextTransformer(TextConfig(vocab_size=50, context_length=12, dim=32, depth=2, num_heads=4, **kw)).eval()
+
+
+def test_padding_never_changes_the_real_tokens():
+    model = tiny()
+    ids = torch.tensor([[1, 7, 9, 4, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]])
+    other_padding = ids.clone()
+    other_padding[0, 4:] = torch.tensor([33, 2, 41, 5])                   # garbage where padding is
+    a, b = model(ids, mask), model(other_padding, mask)
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-6)
+    # And equal to the caption run alone, without any padding.
+    torch.testing.assert_close(a[:, :4], model(ids[:, :4]), rtol=0, atol=1e-5)
+    # Without the mask the padding would leak in (the test can fail).
+    assert not torch.allclose(model(ids)[:, :4], model(other_padding)[:, :4], atol=1e-3)
+
+
+def test_causal_tokens_see_only_the_past():
+    model = tiny(causal=True)
+    ids = torch.tensor([[3, 8, 1, 22, 5, 9]])
+    changed = ids.clone()
+    changed[0, 4] = 40
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 4:], b[:, 4:], atol=1e-3)
+    bidirectional = tiny()
+    assert not torch.allclose(bidirectional(ids)[:, :4], bidirectional(changed)[:, :4], atol=1e-3)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "eot"])
+def test_pooling(pool):
+    model = tiny(pool=pool)
+    ids = torch.tensor([[1, 7, 9, 4, 0, 0], [1, 5, 2, 0, 0, 0]])
+    mask = (ids != 0).long()
+    tokens = model(ids, mask)
+    pooled = model.features(ids, mask)
+    expected = {
+        "cls": tokens[:, 0],
+        "mean": torch.stack([tokens[0, :4].mean(0), tokens[1, :3].mean(0)]),
+        "eot": torch.stack([tokens[0, 3], tokens[1, 2]]),
+    }[pool]
+    torch.testing.assert_close(pooled, expected)
+
+
+def test_too_long_input_names_the_context_length():
+    with pytest.raises(MaskkitError, match="model.text.context_length"):
+        tiny()(torch.zeros(1, 13, dtype=torch.long))
