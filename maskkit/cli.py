@@ -47,9 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.add_argument("overrides", nargs="*")
 
-    demo = sub.add_parser("demo", help="pretrain MAE-tiny on bundled data, probe it against random init")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("overrides", nargs="*", help="dotted overrides for the mae/tiny recipe")
+    demo = sub.add_parser("demo", help="maskkit demo [mae|flip]: pretrain on bundled data, evaluate against random init")
+    demo.add_argument("--out", help="run directory (default runs/demo, runs/demo-flip)")
+    demo.add_argument("overrides", nargs="*", help="mae (default) or flip, then dotted overrides for its tiny recipe")
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -143,8 +143,15 @@ def run(args) -> int:
         print(format_eval(result))
         return 0
     if args.command == "demo":
-        from maskkit.demo import demo
+        from maskkit.demo import demo, demo_flip
 
-        demo(Path(args.out), args.overrides, progress=not args.no_progress)
+        overrides = list(args.overrides)
+        which = overrides.pop(0) if overrides and "=" not in overrides[0] else "mae"
+        if which not in ("mae", "flip"):
+            raise MaskkitError(f"maskkit demo {which}: choose mae (the default) or flip")
+        if which == "flip":
+            demo_flip(Path(args.out or "runs/demo-flip"), overrides, progress=not args.no_progress)
+        else:
+            demo(Path(args.out or "runs/demo"), overrides, progress=not args.no_progress)
         return 0
     raise AssertionError(args.command)

@@ -20,3 +20,18 @@ def test_demo_pipeline_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     # Run again: training is complete, so it only evaluates, with the same numbers.
     again = demo(tmp_path / "demo", overrides, progress=False)
     assert {k: again[k] for k in ("knn", "linear")} == {k: summary[k] for k in ("knn", "linear")}
+
+
+def test_flip_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    from maskkit.cli import main
+
+    code = main(["demo", "flip", "--out", str(tmp_path / "flip"), "train.steps=4", "train.batch_size=32",
+                 "data.num_samples=128", "model.encoder.depth=1", "model.text.depth=1", "model.unmasked_steps=1",
+                 "--no-progress"])
+    assert code == 0
+    summary = json.loads((tmp_path / "flip" / "demo.json").read_text())
+    assert summary["steps"] == 4 and summary["chance"] == 1 / 24
+    for key in ("zero_shot_held_out", "zero_shot_seen", "retrieval_mean_r1"):
+        assert set(summary[key]) == {"pretrained", "random_init"}
+    assert (tmp_path / "flip" / "zero_shot.png").is_file() and (tmp_path / "flip" / "text.safetensors").is_file()
+    assert "zero-shot, held-out pairs" in capsys.readouterr().out
