@@ -37,6 +37,7 @@ class FLIPConfig:
     mask_ratio: float = 0.5          # Sec 3 / Table 1a: 50% is the paper's default, 75% also reported
     text_mask_ratio: float = 0.0     # Sec 3 / Table 1c: optional dropping of text tokens (not padding)
     unmasked_steps: int = 0          # Sec 3 "Unmasked tuning": the last N steps run with mask ratio 0
+    image_pool: str = "mean"         # mean of the output tokens (FLIP) | cls (CLIP: the CLS token)
     temperature_init: float = 0.07   # CLIP: logit scale starts at 1 / 0.07
     max_logit_scale: float = 100.0   # CLIP: the learned logit scale is clamped at 100
 
@@ -58,6 +59,9 @@ class FLIPConfig:
                 f"small enough to keep at least one of the {num_patches} patches")
         require_float(source, "model.text_mask_ratio", self.text_mask_ratio, 0.0, 1.0, high_open=True)
         require_int(source, "model.unmasked_steps", self.unmasked_steps, 0)
+        require(self.image_pool in ("mean", "cls"), source, "model.image_pool", self.image_pool, "mean or cls")
+        require(self.image_pool == "mean" or self.encoder.cls_token, source, "model.image_pool", self.image_pool,
+                "mean when model.encoder.cls_token is false")
         require_float(source, "model.temperature_init", self.temperature_init, 1e-4, 10.0)
         require_float(source, "model.max_logit_scale", self.max_logit_scale, 1.0, 1e4)
 
@@ -105,6 +109,8 @@ class FLIP(Method):
                      else torch.rand(len(images), self.encoder.num_patches, device=images.device))
             keep = random_masking(noise, mask_ratio).keep                         # (B, N_keep)
         tokens = self.encoder(images, keep=keep)                                  # (B, [1+] N_keep, D)
+        if self.cfg.image_pool == "cls":
+            return self.image_projection(tokens[:, 0])
         patches = tokens[:, 1:] if self.encoder.cls_token is not None else tokens
         return self.image_projection(patches.mean(1))
 

@@ -50,25 +50,34 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    """fc2(act(fc1(x))) with exact GELU, or CLIP's QuickGELU x * sigmoid(1.702 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        x = self.fc1(x)
+        x = x * torch.sigmoid(1.702 * x) if self.activation == "quick_gelu" else F.gelu(x)
+        return self.fc2(x)
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6,
+                 activation: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
@@ -87,6 +96,12 @@ class ViTConfig:
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     cls_token: bool = True
+    # CLIP's ViT (Radford et al. 2021), for loading its weights: learned positions (the CLS token's too),
+    # a LayerNorm before the blocks, QuickGELU, and a patch projection without bias.
+    position: str = "sincos"         # sincos (fixed, MAE Sec A.1) | learned
+    pre_norm: bool = False
+    activation: str = "gelu"         # gelu | quick_gelu
+    patch_bias: bool = True
 
     def check(self, source: str, prefix: str = "model.encoder") -> None:
         """Each field's valid range, named `PREFIX.FIELD` in the error."""
@@ -96,7 +111,14 @@ class ViTConfig:
                 f"a divisor of the image size {self.image_size}")
         require_int(source, f"{prefix}.depth", self.depth, 1)
         require_int(source, f"{prefix}.num_heads", self.num_heads, 1)
-        check_width(source, f"{prefix}.dim", self.dim, self.num_heads, f"{prefix}.num_heads")
+        require(self.position in ("sincos", "learned"), source, f"{prefix}.position", self.position, "sincos or learned")
+        require(self.activation in ACTIVATIONS, source, f"{prefix}.activation", self.activation, "gelu or quick_gelu")
+        if self.position == "sincos":
+            check_width(source, f"{prefix}.dim", self.dim, self.num_heads, f"{prefix}.num_heads")
+        else:
+            require_int(source, f"{prefix}.dim", self.dim, 1)
+            require(self.dim % self.num_heads == 0, source, f"{prefix}.dim", self.dim,
+                    f"divisible by {prefix}.num_heads={self.num_heads}")
         check_mlp_ratio(source, f"{prefix}.mlp_ratio", self.mlp_ratio, self.dim)
         require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
 
@@ -125,12 +147,20 @@ class ViT(nn.Module):
         self.cfg = cfg
         self.grid_size = cfg.image_size // cfg.patch_size
         self.num_patches = self.grid_size**2
-        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                     bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
-        # Fixed, so derived from the config and not saved (MAE Sec A.1: "sine-cosine version").
-        self.register_buffer("pos_embed", sincos_2d(cfg.dim, self.grid_size, self.grid_size).unsqueeze(0), persistent=False)
+        if cfg.position == "learned":
+            # (1, [1+] N, D): row 0 is the CLS token's position when there is one (CLIP).
+            self.pos_embed = nn.Parameter(torch.zeros(1, int(cfg.cls_token) + self.num_patches, cfg.dim))
+        else:
+            # Fixed, so derived from the config and not saved (MAE Sec A.1: "sine-cosine version").
+            table = sincos_2d(cfg.dim, self.grid_size, self.grid_size).unsqueeze(0)
+            self.register_buffer("pos_embed", table, persistent=False)
+        self.norm_pre = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps) for _ in range(cfg.depth)
+            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.activation)
+            for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self._init_weights()
@@ -139,9 +169,12 @@ class ViT(nn.Module):
         # MAE's init: patch projection like a linear layer, xavier-uniform linears, small normal tokens.
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        if self.patch_embed.bias is not None:
+            nn.init.zeros_(self.patch_embed.bias)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.cfg.position == "learned":
+            nn.init.normal_(self.pos_embed, std=0.02)
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -157,14 +190,19 @@ class ViT(nn.Module):
         """(B, C, H, W) -> (B, N, D) patch tokens with position embeddings added (before any masking)."""
         self.check_images(images)
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2)   # (B, N, D)
-        return tokens + self.pos_embed.to(tokens.dtype)
+        return tokens + self.pos_embed[:, -self.num_patches :].to(tokens.dtype)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.embed(images)
         if keep is not None:
             tokens = gather_tokens(tokens, keep)                          # (B, N_keep, D)
         if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            cls = self.cls_token
+            if self.cfg.position == "learned":
+                cls = cls + self.pos_embed[:, :1]
+            tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        if self.norm_pre is not None:
+            tokens = self.norm_pre(tokens)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
@@ -190,6 +228,7 @@ class TextConfig:
     norm_eps: float = 1e-6
     causal: bool = False             # FLIP's text tower is bidirectional; CLIP's is causal
     pool: str = "cls"                # cls (first token) | mean (over real tokens) | eot (last real token, CLIP)
+    activation: str = "gelu"         # gelu | quick_gelu (CLIP)
 
     def check(self, source: str, prefix: str = "model.text") -> None:
         require_int(source, f"{prefix}.vocab_size", self.vocab_size, 2)
@@ -202,6 +241,7 @@ class TextConfig:
         check_mlp_ratio(source, f"{prefix}.mlp_ratio", self.mlp_ratio, self.dim)
         require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
         require(self.pool in ("cls", "mean", "eot"), source, f"{prefix}.pool", self.pool, "cls, mean or eot")
+        require(self.activation in ACTIVATIONS, source, f"{prefix}.activation", self.activation, "gelu or quick_gelu")
 
 
 class TextTransformer(nn.Module):
@@ -217,7 +257,7 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.position_embedding = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.dim))
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps, cfg.activation)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
