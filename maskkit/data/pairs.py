@@ -34,7 +34,7 @@ from maskkit.rng import Stream, sample_keys, uniform
 
 log = logging.getLogger("maskkit")
 
-PAIR_SETS = ("shapes", "digits", "csv")
+PAIR_SETS = ("shapes", "digits", "csv", "shards")
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
            "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.2, 0.8), "white": (0.95, 0.95, 0.95)}
 KINDS = ("circle", "square", "triangle", "cross")
@@ -48,8 +48,8 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 @dataclass
 class PairDataConfig:
     kind: str = "pairs"               # image-text pairs (the image section is kind: image)
-    name: str = "shapes"              # shapes | digits | csv
-    path: str = ""                    # csv: a .csv or .tsv file of (image path, caption)
+    name: str = "shapes"              # shapes | digits | csv | shards
+    path: str = ""                    # csv: a .csv or .tsv file of (image path, caption); shards: a folder or glob of .tar
     image_column: str = "filepath"    # csv column names (open_clip's defaults)
     caption_column: str = "title"
     image_size: int = 32
@@ -70,7 +70,8 @@ def check_pair_data(d: PairDataConfig, source: str) -> None:
     from maskkit.config import check_crop_scale, check_normalisation
 
     require(d.name in PAIR_SETS, source, "data.name", d.name, f"one of {', '.join(PAIR_SETS)} for data.kind=pairs")
-    require(d.name != "csv" or bool(d.path), source, "data.path", d.path, "a .csv or .tsv file for data.name=csv")
+    require(d.name not in ("csv", "shards") or bool(d.path), source, "data.path", d.path,
+            "a .csv/.tsv file (data.name=csv) or a folder or glob of .tar shards (data.name=shards)")
     require_int(source, "data.image_size", d.image_size, 8, 4096)
     require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
     require_int(source, "data.num_samples", d.num_samples, 4)
@@ -257,11 +258,107 @@ class CaptionFile(Dataset):
         return item if isinstance(item, Unreadable) else {"images": item, "text": caption_text, "label": torch.tensor(-1)}
 
 
+class Shards(Dataset):
+    """WebDataset-format tar shards: each sample is the files sharing a key ("000123.jpg" + "000123.txt").
+
+    Read with Python's `tarfile`, as a map-style set: the members of every shard are indexed once (tar
+    headers only), so `StepSampler` gives shards the same exact resume and rank invariance as any other
+    set, with per-sample seeds from the sample's position. The first shard is checked before the others
+    are read: shards whose samples carry no caption fail within seconds. Samples without an image or a
+    caption are counted and skipped; an image that does not decode is reported and skipped by `collate`.
+    """
+
+    IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
+    CAPTION_EXTENSIONS = ("txt", "caption", "cap")
+
+    def __init__(self, cfg: "PairDataConfig", split: str):
+        import glob
+        import tarfile
+        from pathlib import Path
+
+        root = Path(cfg.path).expanduser()
+        files = sorted(root.glob("*.tar")) if root.is_dir() else sorted(Path(p) for p in glob.glob(str(root)))
+        if not files:
+            raise MaskkitError(f"data.path: no .tar shards at {root} (a folder of shards, or a glob like shards/*.tar)")
+        samples, without_caption, without_image = [], 0, 0
+        for number, shard in enumerate(files):
+            try:
+                with tarfile.open(shard) as archive:
+                    members = [m for m in archive.getmembers() if m.isfile()]
+            except (tarfile.TarError, OSError) as error:
+                raise MaskkitError(f"{shard}: not a readable tar shard ({error})") from None
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in members:
+                directory, _, base = member.name.rpartition("/")
+                key, _, extension = base.partition(".")
+                groups.setdefault(f"{directory}/{key}", {})[extension.lower()] = member
+            found = 0
+            for key, parts in groups.items():
+                image = next((parts[e] for e in self.IMAGE_EXTENSIONS if e in parts), None)
+                text = next((parts[e] for e in self.CAPTION_EXTENSIONS if e in parts), None)
+                if text is None:
+                    without_caption += 1
+                elif image is None:
+                    without_image += 1
+                else:
+                    samples.append((str(shard), image.name, text.name, key))
+                    found += 1
+            if number == 0 and found == 0 and groups:
+                extensions = sorted({e for parts in groups.values() for e in parts})
+                raise MaskkitError(
+                    f"{shard}: none of its {len(groups)} samples has both an image and a caption (found files "
+                    f".{', .'.join(extensions)}; captions are read from .txt, .caption or .cap)"
+                )
+        if without_caption or without_image:
+            log.warning("%s: skipped %d samples without a caption and %d without an image", root, without_caption,
+                        without_image)
+        if not samples:
+            raise MaskkitError(f"data.path: the shards at {root} hold no (image, caption) samples")
+        held = [math.floor((r + 1) * cfg.eval_split + 0.5) > math.floor(r * cfg.eval_split + 0.5)
+                for r in range(len(samples))]
+        self.samples = ([s for s, out in zip(samples, held, strict=True) if out == (split == "test")]
+                        if split != "all" else samples)
+        if not self.samples:
+            raise MaskkitError(f"data.path: the {split!r} split of the shards is empty (data.eval_split={cfg.eval_split})")
+        self.image_size, self.channels = cfg.image_size, cfg.in_channels
+        self._open: dict[str, object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _archive(self, shard: str):
+        import os
+        import tarfile
+
+        if self._pid != os.getpid():          # a loader worker: never share another process's file handles
+            self._open, self._pid = {}, os.getpid()
+        if shard not in self._open:
+            self._open[shard] = tarfile.open(shard)
+        return self._open[shard]
+
+    def __getitem__(self, i: int) -> dict | Unreadable:
+        import io
+
+        shard, image_name, _, _ = self.samples[i]
+        data = self._archive(shard).extractfile(image_name).read()
+        image = ImageFolder.load(io.BytesIO(data), self.image_size, self.channels)
+        if isinstance(image, Unreadable):
+            return Unreadable(f"{shard}:{image_name}", image.reason)
+        return {"images": image, "text": self.caption(i), "label": torch.tensor(-1)}
+
+    def caption(self, i: int) -> str:
+        shard, _, text_name, _ = self.samples[i]
+        return self._archive(shard).extractfile(text_name).read().decode("utf-8", errors="replace").strip()
+
+
 def build_pair_dataset(cfg: PairDataConfig, split: str = "train") -> Dataset:
     if cfg.name == "shapes":
         return Indexed(ShapesWorld(split, cfg.num_samples, cfg.image_size, cfg.in_channels))
     if cfg.name == "digits":
         return Indexed(CaptionedDigits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
+    if cfg.name == "shards":
+        return Indexed(Shards(cfg, split))
     return Indexed(CaptionFile(cfg, split))
 
 
@@ -270,6 +367,8 @@ def captions_of(dataset: Dataset) -> list[str]:
     inner = dataset.dataset if isinstance(dataset, Indexed) else dataset
     if isinstance(inner, CaptionFile):
         return [text for _, text in inner.pairs]
+    if isinstance(inner, Shards):
+        return [inner.caption(i) for i in range(len(inner))]
     if isinstance(inner, CaptionedDigits):
         return [CaptionedDigits.TEMPLATES[i % 4].format(DIGIT_NAMES[int(y)]) for i, y in enumerate(inner.digits.labels)]
     return [caption(inner.scene(i), [0.5] * 3) for i in range(len(inner))] + [

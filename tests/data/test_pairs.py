@@ -114,3 +114,56 @@ def test_captioned_digits_name_their_digit():
     item = data.dataset[0]
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
     assert names[int(item["label"])] in item["text"]
+
+
+def write_shard(path, samples):
+    """samples: (key, {extension: bytes}); a WebDataset-format tar."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for key, files in samples:
+            for extension, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(value: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((10, 12, 3), value, dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_shards_read_pairs_skip_incomplete_samples_and_name_undecodable_images(tmp_path, caplog):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder / "000.tar", [(f"{i:04d}", {"png": png_bytes(10 * i), "txt": f"picture {i}".encode()})
+                                     for i in range(5)] + [("nocap", {"png": png_bytes(1)})])
+    write_shard(folder / "001.tar", [("0100", {"png": png_bytes(7), "txt": b"last picture"}),
+                                     ("0101", {"png": b"broken", "txt": b"a broken picture"})])
+    cfg = PairDataConfig(name="shards", path=str(folder), image_size=16, eval_split=0.25, context_length=16,
+                         vocab_size=64)
+    data = build_data(cfg, "train")
+    test = build_data(cfg, "test")
+    assert len(data.dataset) + len(test.dataset) == 7
+    assert "skipped 1 samples without a caption and 0 without an image" in caplog.text
+    batch = data.collate([data.dataset[i] for i in range(len(data.dataset))])
+    everything = batch["text"] + [test.dataset[i]["text"] for i in range(len(test.dataset))
+                                  if isinstance(test.dataset[i], dict)]
+    assert "picture 3" in everything and "last picture" in everything
+    broken = [item for item in (list(data.dataset) + list(test.dataset)) if not isinstance(item, dict)]
+    assert len(broken) == 1 and broken[0].path.endswith("001.tar:0101.png")
+
+
+def test_shards_without_captions_fail_on_the_first_shard(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder / "000.tar", [(f"{i}", {"jpg": png_bytes(i), "json": b"{}"}) for i in range(3)])
+    (folder / "001.tar").write_bytes(b"not a tar file")      # never read: the first shard already fails
+    cfg = PairDataConfig(name="shards", path=str(folder))
+    with pytest.raises(MaskkitError, match=r"000.tar: none of its 3 samples has both an image and a caption "
+                                           r"\(found files .jpg, .json"):
+        build_data(cfg, "train")
