@@ -9,10 +9,11 @@ speed-up of masking, and activation memory: bytes autograd saves for the backwar
 measure; on CUDA also the peak allocated memory).
 
     python benchmarks/flip_throughput.py                   # ~2 minutes on 2 quiet CPU cores
-    python benchmarks/flip_throughput.py --device cuda
+    python benchmarks/flip_throughput.py --device cuda --size base --batch 256   # ViT-B/16, bf16 autocast
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -25,13 +26,20 @@ from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.nn.transformer import TextConfig, ViTConfig
 from maskkit.train.optim import build_optimizer
 
-ENCODER = ViTConfig(image_size=32, patch_size=4, dim=128, depth=4, num_heads=4)
-TEXT = TextConfig(vocab_size=256, context_length=24, dim=128, depth=2, num_heads=4)
+SIZES = {
+    # recipe flip/tiny
+    "tiny": (ViTConfig(image_size=32, patch_size=4, dim=128, depth=4, num_heads=4),
+             TextConfig(vocab_size=256, context_length=24, dim=128, depth=2, num_heads=4), 128),
+    # recipe flip/vit_b16 (FLIP's ViT-B/16 with CLIP's 12-layer, 512-wide text tower), for a GPU
+    "base": (ViTConfig(image_size=224, patch_size=16, dim=768, depth=12, num_heads=12),
+             TextConfig(vocab_size=30522, context_length=32, dim=512, depth=12, num_heads=8), 512),
+}
+ENCODER, TEXT, EMBED = SIZES["tiny"]
 
 
 def build_flip(mask_ratio: float) -> FLIP:
     torch.manual_seed(0)
-    return FLIP(FLIPConfig(encoder=ENCODER, text=TEXT, embed_dim=128, mask_ratio=mask_ratio))
+    return FLIP(FLIPConfig(encoder=ENCODER, text=TEXT, embed_dim=EMBED, mask_ratio=mask_ratio))
 
 
 def build_hf_clip():
@@ -44,11 +52,16 @@ def build_hf_clip():
         vision_config=dict(hidden_size=ENCODER.dim, intermediate_size=4 * ENCODER.dim, num_hidden_layers=ENCODER.depth,
                            num_attention_heads=ENCODER.num_heads, image_size=ENCODER.image_size,
                            patch_size=ENCODER.patch_size),
-        projection_dim=128,
+        projection_dim=EMBED,
     )
     model = CLIPModel(config)
     model.set_attn_implementation("sdpa")
     return model
+
+
+def _autocast_call(fn, autocast):
+    with autocast:
+        return fn()
 
 
 def saved_bytes(model, loss_fn) -> int:
@@ -79,11 +92,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = parser.parse_args()
+    global ENCODER, TEXT, EMBED
+    ENCODER, TEXT, EMBED = SIZES[args.size]
+    # bf16 autocast on a GPU, as the GPU recipes train; fp32 on the CPU.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda")
+                else contextlib.nullcontext())
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, 32, 32, generator=generator).to(device)
+    side = ENCODER.image_size
+    images = torch.randn(args.batch, 3, side, side, generator=generator).to(device)
     lengths = torch.randint(5, TEXT.context_length, (args.batch,), generator=generator)
     attention_mask = (torch.arange(TEXT.context_length)[None] < lengths[:, None]).long().to(device)
     ids = (torch.randint(5, TEXT.vocab_size, (args.batch, TEXT.context_length), generator=generator).to(device)
@@ -98,6 +118,7 @@ def main() -> None:
     hf = build_hf_clip().to(device).train()
     runs.append(("HF CLIPModel (unmasked)", hf,
                  lambda m=hf: m(input_ids=ids, pixel_values=images, attention_mask=attention_mask, return_loss=True).loss))
+    runs = [(name, model, lambda fn=fn: _autocast_call(fn, autocast)) for name, model, fn in runs]
 
     flops = [count_flops(fn) for _, _, fn in runs]
     memory = []

@@ -12,6 +12,7 @@ accuracy on held-out and on seen (colour, shape) pairs is measured at each. Writ
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -30,23 +31,33 @@ from maskkit.train.loop import train
 SETTINGS = (("unmasked (CLIP)", 0.0, 0.0), ("mask 0.5 + unmasked tuning", 0.5, 0.1))
 
 
-def pairs_per_second(cfg, batch_size: int, steps: int = 6) -> float:
-    """Train-step speed of the recipe's model at its mask ratio, on a batch of the real data."""
-    data = build_data(cfg.data, "train")
-    batch = data.collate([data.dataset[i] for i in range(batch_size)])
-    batch = data.prepare(batch, torch.arange(batch_size), torch.device("cpu"))
-    torch.manual_seed(0)
-    model = FLIP(cfg.model).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        model({**batch, "step": 0, "total_steps": 10**9}).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return batch_size / (sum(times) / len(times))
+def train_step_speeds(configs: list, rounds: int = 5) -> list[float]:
+    """Pairs/s of one train step of each config's model on a batch of the real data: measured in rounds
+    that take every model in turn (medians), so a busy moment of the machine hits all of them alike."""
+    steps = []
+    for cfg in configs:
+        data = build_data(cfg.data, "train")
+        size = cfg.train.batch_size
+        batch = data.collate([data.dataset[i] for i in range(size)])
+        batch = {**data.prepare(batch, torch.arange(size), torch.device("cpu")), "step": 0, "total_steps": 10**9}
+        torch.manual_seed(0)
+        model = FLIP(cfg.model).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, batch=batch, optimizer=optimizer):
+            model(batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()
+        steps.append((step, size))
+    speeds = [[] for _ in configs]
+    for _ in range(rounds):
+        for i, (step, size) in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            speeds[i].append(size / (time.perf_counter() - start))
+    return [statistics.median(s) for s in speeds]
 
 
 def main() -> None:
@@ -58,9 +69,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, mask_ratio, tuning in SETTINGS:
-        probe = load_config("flip/tiny", [f"model.mask_ratio={mask_ratio}"])
-        speed = pairs_per_second(probe, probe.train.batch_size)
+    probes = [load_config("flip/tiny", [f"model.mask_ratio={mask_ratio}"]) for _, mask_ratio, _ in SETTINGS]
+    speeds = train_step_speeds(probes)
+    for (name, mask_ratio, tuning), probe, speed in zip(SETTINGS, probes, speeds, strict=True):
         steps = max(args.points, int(args.budget * speed / probe.train.batch_size))
         every = max(1, steps // args.points)
         overrides = [f"model.mask_ratio={mask_ratio}", f"model.unmasked_steps={int(tuning * steps)}",

@@ -16,16 +16,9 @@ from pathlib import Path
 import torch
 
 from maskkit.errors import MaskkitError
+from maskkit.interop.hf import _import_transformers
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.nn.transformer import TextConfig, ViTConfig
-
-
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise MaskkitError("CLIP interop needs `transformers`: pip install 'maskkit[hf]'") from None
-    return transformers
 
 
 def _activation(name: str, field: str) -> str:
@@ -150,7 +143,11 @@ def load_hf_clip(source) -> FLIP:
         path = Path(source).expanduser()
         if not path.is_dir():
             raise MaskkitError(f"{path} is not a directory holding a Hugging Face CLIPModel")
-        source = transformers.CLIPModel.from_pretrained(path, local_files_only=True)
+        try:
+            source = transformers.CLIPModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise MaskkitError(f"{path}: cannot load a CLIPModel: {first_line}") from None
     cfg = flip_config_from_hf_clip(source.config)
     flip = FLIP(cfg)
     flip.load_state_dict(flip_from_hf_clip_state_dict(source.state_dict(), cfg))

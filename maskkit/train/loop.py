@@ -154,6 +154,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             if info.is_main:
                 log.info("initialised the weights from %s", found)
 
+    # The data first: a data set that cannot be used fails before the run directory is touched.
+    data = build_data(cfg.data, "train")
+    method.check_data(data)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoint.remove_stale_temporaries(run_dir):
@@ -162,8 +165,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             save_config(cfg, run_dir / "config.yaml")
     config_dict = config_to_dict(cfg)
 
-    data = build_data(cfg.data, "train")
-    method.check_data(data)
     sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,
                           tcfg.accumulation_steps, tcfg.seed, start_step)
     loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=data.collate,

@@ -3,7 +3,6 @@ same image and text embeddings (masking off), and the state dict goes there and 
 
 import pytest
 import torch
-from torch import nn
 
 from maskkit.errors import MaskkitError
 from maskkit.interop.hf_clip import (
@@ -13,14 +12,14 @@ from maskkit.interop.hf_clip import (
     load_hf_clip,
     save_hf_clip,
 )
+from tests.interop.random_weights import randomize_
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 
 
 def random_clip(seed: int = 0, attn_implementation: str = "eager"):
-    """A tiny CLIPModel with every tensor random at unit scale (see test_hf_vitmae.random_hf for why:
-    HF's init leaves biases and norms at 0/1 and makes attention nearly uniform, hiding swapped tensors)."""
+    """A tiny CLIPModel with every tensor random at unit scale (see random_weights.py for why)."""
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=12, bos_token_id=0, eos_token_id=2),
@@ -29,18 +28,7 @@ def random_clip(seed: int = 0, attn_implementation: str = "eager"):
         projection_dim=24,
     )
     config._attn_implementation = attn_implementation
-    model = transformers.CLIPModel(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-                continue
-            for param in module.parameters(recurse=False):
-                std = param[0].numel() ** -0.5 if param.ndim > 1 else 0.2
-                param.copy_(std * torch.randn(param.shape, generator=generator))
-    return model
+    return randomize_(transformers.CLIPModel(config).eval(), seed)
 
 
 def inputs(seed: int = 1):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from maskkit.errors import MaskkitError
 from maskkit.interop.hf import (
@@ -13,6 +12,7 @@ from maskkit.interop.hf import (
     mae_to_hf_state_dict,
     save_hf_vitmae,
 )
+from tests.interop.random_weights import randomize_
 
 transformers = pytest.importorskip("transformers")
 modeling_vit_mae = pytest.importorskip("transformers.models.vit_mae.modeling_vit_mae")
@@ -49,18 +49,9 @@ def random_hf(norm_pix_loss: bool = False, attn_implementation: str = "eager", s
     """
     config = transformers.ViTMAEConfig(**TINY, norm_pix_loss=norm_pix_loss, attn_implementation=attn_implementation,
                                        qkv_bias=qkv_bias)
-    model = transformers.ViTMAEForPreTraining(config).eval()
-    generator = torch.Generator().manual_seed(seed)
+    model = randomize_(transformers.ViTMAEForPreTraining(config).eval(), seed)
     grid = config.image_size // config.patch_size
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-                continue
-            for param in module.parameters(recurse=False):
-                std = param[0].numel() ** -0.5 if param.ndim > 1 else 0.2
-                param.copy_(std * torch.randn(param.shape, generator=generator))
         model.vit.embeddings.position_embeddings.copy_(_hf_table(config.hidden_size, grid))
         model.decoder.decoder_pos_embed.copy_(_hf_table(config.decoder_hidden_size, grid))
     return model

@@ -145,3 +145,35 @@ def test_resumed_flip_run_is_bitwise_identical_across_the_switch_to_unmasked_tun
     assert [r["mask_ratio"] for r in rows] == [0.5, 0.5, 0.5, 0.5, 0.0, 0.0]
     for name in ("backbone.safetensors", "text.safetensors"):
         assert (tmp_path / "straight" / name).is_file()
+
+
+def test_text_token_dropping_removes_real_tokens_but_never_cls_or_padding():
+    cfg = config_from_dict(flip_config_dict(model={"text_mask_ratio": 0.5}))
+    model = FLIP(cfg.model).train()
+    batch = batch_of(cfg)
+    seen = {}
+
+    def record(module, args):
+        seen["mask"] = args[1].clone()
+
+    handle = model.text.register_forward_pre_hook(record)
+    model({**batch, "step": 0, "total_steps": 6})
+    dropped_in_training = seen["mask"]
+    model.eval()
+    model(batch)
+    handle.remove()
+    original = batch["attention_mask"]
+    assert torch.equal(seen["mask"], original)                              # no dropping at evaluation
+    assert (dropped_in_training <= original).all() and (dropped_in_training[:, 0] == 1).all()
+    fraction = 1 - dropped_in_training[:, 1:].sum() / original[:, 1:].sum()
+    assert 0.3 < float(fraction) < 0.7
+
+
+def test_zero_shot_on_captioned_digits_runs_on_a_flip_checkpoint(tmp_path):
+    from maskkit.eval.run import evaluate
+
+    cfg = config_from_dict(flip_config_dict(data={"name": "digits"}, train={"steps": 2}))
+    train(cfg, tmp_path / "run", progress=False)
+    result = evaluate(tmp_path / "run", "zero-shot", progress=False)
+    assert result["dataset"] == "digits" and result["chance"] == 0.1 and result["num_test"] == 450   # 25% held out
+    assert {"pretrained", "random_init"} <= set(result)

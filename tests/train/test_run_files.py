@@ -141,3 +141,11 @@ def test_an_undecodable_file_met_every_epoch_is_reported_and_counted_once(tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["unreadable_files"] == 1
     assert "skipped 1 unreadable image file" in caplog.text
+
+
+def test_unusable_data_fails_before_the_run_directory_is_created(tmp_path, tiny_config):
+    (tmp_path / "empty").mkdir()
+    cfg = tiny_config(data={"name": "folder", "path": str(tmp_path / "empty"), "image_size": 16})
+    with pytest.raises(MaskkitError, match="no images"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
