@@ -44,6 +44,7 @@ class Stream(IntEnum):
     CORRUPTION = 7     # energy-based pretraining's corruptions
     PHOTO = 8          # which crop of which photo a `photos` item is (fixed, epoch 0)
     SCENE = 9          # what a generated shapes-world image shows (fixed per item)
+    CORRUPTION_KIND = 10   # which corruption a sample gets under energy pretraining's "mix"
 
 
 # Python reference (also used for the few scalar seeds: a run's order, a photo crop).

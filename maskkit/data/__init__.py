@@ -29,6 +29,8 @@ class Data:
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None     # [0, 1] pixels -> model input (no augmentation)
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None   # model input -> displayable pixels
     tokenizer: object | None = None    # text and pair data: the Tokenizer that collate uses
+    mean: list[float] | None = None    # image data: the per-channel normalisation (pixels = x * std + mean)
+    std: list[float] | None = None
 
 
 def build_data(cfg, split: str = "train") -> Data:
@@ -45,8 +47,10 @@ def build_data(cfg, split: str = "train") -> Data:
         if truncated:
             log.warning("%d of the %d captions are longer than data.context_length=%d tokens and are truncated",
                         truncated, len(dataset), cfg.context_length)
-        return Data(dataset, PairCollate(tokenizer), augment.prepare, augment.normalize, augment.denormalize, tokenizer)
-    return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.normalize, augment.denormalize)
+        return Data(dataset, PairCollate(tokenizer), augment.prepare, augment.normalize, augment.denormalize, tokenizer,
+                    list(cfg.mean), list(cfg.std))
+    return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.normalize, augment.denormalize,
+                None, list(cfg.mean), list(cfg.std))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

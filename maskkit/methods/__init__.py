@@ -1,12 +1,14 @@
 """Methods by name: the one place that maps a recipe's `method:` to its class and config."""
 
 from maskkit.methods.base import Method, MethodOutput
+from maskkit.methods.energy import Energy, EnergyConfig
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.methods.mae import MAE, MAEConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
     "mae": (MAE, MAEConfig),
     "flip": (FLIP, FLIPConfig),
+    "energy": (Energy, EnergyConfig),
 }
 
 
@@ -17,4 +19,4 @@ def build_method(cfg) -> Method:
     return method_cls(cfg.model)
 
 
-__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "build_method"]
+__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "build_method"]

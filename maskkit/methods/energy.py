@@ -1,0 +1,154 @@
+"""Energy-inspired self-supervised pretraining for vision models (Wang et al., ICLR 2023). Sections refer to the paper.
+
+The network's forward pass is an energy over images (Sec 3.1): E(x) = w . mean(ViT(x)), a scalar per
+image from a bias-free linear head on the mean of the final-norm tokens. A corrupted image is restored
+by K steps of gradient descent on the input (Sec 3.1, Eq. 2): x_{k+1} = x_k - alpha * dE/dx_k, with a
+learnable step size alpha (stored as log alpha, initialised at 0.1). Training matches every step's
+restoration to the clean image (SmoothL1, beta = 1, summed over the steps). There is no decoder: the
+backward pass of the network is the "decoder". The pretexts (Sec 3.2) are masked image modelling, patch
+sorting, super-resolution, denoising and colorization (`maskkit.data.corruptions`).
+
+The inner gradient is taken with `create_graph=True`: the loss depends on the network's weights only
+through dE/dx, so without the second-order graph only alpha would get a gradient (the mistake of the
+public ports; `test_energy.py` shows the weights' gradients are exactly zero then). Always on in
+training; there is no switch to turn it off. Second-order gradients of attention need the math SDPA
+kernel (`double_backward_safe`), and the method trains in fp32 (`supports_bf16 = False`).
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskkit.data.corruptions import CORRUPTIONS, corrupt
+from maskkit.errors import require, require_float, require_int
+from maskkit.files import pyplot
+from maskkit.methods.base import Method, MethodOutput
+from maskkit.nn.transformer import ViT, ViTConfig, double_backward_safe
+
+
+@dataclass
+class EnergyConfig:
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    inner_steps: int = 1             # K: gradient steps on the input (1 on a CPU, 2 in the GPU recipe)
+    alpha_init: float = 0.1          # initial step size (learned, as log alpha)
+    corruption: str = "mim"          # mim | shuffle | sr | noise | gray | mix (one per sample)
+    mask_ratio: float = 0.75         # for mim
+    loss_on: str = "all"             # all pixels, or only the corrupted ones ("corrupted")
+
+    def check(self, data, source: str) -> None:
+        self.encoder.check(source, "model.encoder")
+        require(getattr(data, "kind", "image") == "image", source, "data.kind", getattr(data, "kind", None),
+                "image for method energy")
+        require(self.encoder.image_size == data.image_size, source, "model.encoder.image_size",
+                self.encoder.image_size, f"equal to data.image_size={data.image_size}")
+        require(self.encoder.in_channels == data.in_channels, source, "model.encoder.in_channels",
+                self.encoder.in_channels, f"equal to data.in_channels={data.in_channels}")
+        require_int(source, "model.inner_steps", self.inner_steps, 1, 16)
+        require_float(source, "model.alpha_init", self.alpha_init, 0.0, 100.0, low_open=True)
+        require(self.corruption in CORRUPTIONS, source, "model.corruption", self.corruption, ", ".join(CORRUPTIONS))
+        require_float(source, "model.mask_ratio", self.mask_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        require(self.loss_on in ("all", "corrupted"), source, "model.loss_on", self.loss_on, "all or corrupted")
+
+
+def psnr(restored: torch.Tensor, clean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR (dB) in [0, 1] pixel units: normalised differences are scaled back by the data set's std."""
+    error = ((restored - clean) * std.view(1, -1, 1, 1)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (-10 * torch.log10(error)).mean()
+
+
+class Energy(Method):
+    name = "energy"
+    supports_bf16 = False
+
+    def __init__(self, cfg: EnergyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViT(cfg.encoder)
+        self.energy_head = nn.Linear(cfg.encoder.dim, 1, bias=False)
+        nn.init.normal_(self.energy_head.weight, std=cfg.encoder.dim**-0.5)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha_init)))
+        # The data set's normalisation (corruptions work in pixels); set from the data by `check_data`.
+        self.register_buffer("pixel_mean", torch.zeros(cfg.encoder.in_channels), persistent=False)
+        self.register_buffer("pixel_std", torch.ones(cfg.encoder.in_channels), persistent=False)
+
+    @property
+    def backbone(self) -> ViT:
+        return self.encoder
+
+    def check_data(self, data) -> None:
+        if data.mean is not None:
+            self.pixel_mean.copy_(torch.tensor(data.mean))
+            self.pixel_std.copy_(torch.tensor(data.std))
+
+    def energy(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B,) energies E(x) (Sec 3.1)."""
+        tokens = self.encoder(images)                                   # (B, [1+] N, D), final norm applied
+        return self.energy_head(tokens.mean(1)).squeeze(-1)
+
+    def restore(self, corrupted: torch.Tensor, steps: int, create_graph: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """x_{k+1} = x_k - alpha dE/dx_k for k < steps; returns ([x_1 .. x_K], [E(x_0) .. E(x_{K-1})]).
+
+        Each step starts from a detached leaf copy of the current input: the paper stops gradients
+        between inner steps (its Algorithm 1), so step k's loss trains the network through step k's
+        dE/dx alone, with x_k a constant; x_{k+1} keeps the graph through alpha * dE/dx.
+        """
+        alpha = self.log_alpha.exp()
+        x, restored, energies = corrupted, [], []
+        with double_backward_safe():
+            for _ in range(steps):
+                leaf = x.detach().requires_grad_(True)
+                energy = self.energy(leaf)                                          # (B,)
+                (gradient,) = torch.autograd.grad(energy.sum(), leaf, create_graph=create_graph)
+                x = leaf - alpha * gradient
+                restored.append(x)
+                energies.append(energy.detach())
+        return restored, energies
+
+    def forward(self, batch: dict) -> MethodOutput:
+        clean = batch["images"].float()                                             # (B, C, H, W)
+        keys = batch["seed"] if "seed" in batch else torch.arange(len(clean), device=clean.device)
+        corrupted, where = corrupt(self.cfg.corruption, clean, keys, self.pixel_mean, self.pixel_std,
+                                   self.cfg.encoder.patch_size, self.cfg.mask_ratio)
+        # The weights get gradients only through dE/dx: create_graph is what makes them train.
+        restored, energies = self.restore(corrupted, self.cfg.inner_steps, create_graph=self.training)
+        weight = where.expand_as(clean) if self.cfg.loss_on == "corrupted" else torch.ones_like(clean)
+        losses = [(F.smooth_l1_loss(x, clean, beta=1.0, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
+                  for x in restored]
+        loss = torch.stack(losses).sum()
+        logs = {"loss": loss.detach(), "alpha": self.log_alpha.detach().exp(),
+                "psnr_corrupted": psnr(corrupted.detach(), clean, self.pixel_std)}
+        for k, (step_loss, energy, x) in enumerate(zip(losses, energies, restored, strict=True), start=1):
+            logs[f"loss_step{k}"] = step_loss.detach()
+            logs[f"energy_step{k - 1}"] = energy.mean()
+            logs[f"psnr_step{k}"] = psnr(x.detach(), clean, self.pixel_std)
+        return MethodOutput(loss=loss, logs=logs, extras={"corrupted": corrupted, "restored": restored})
+
+    def save_figures(self, batch, out_dir: Path, denormalize=lambda x: x) -> list[Path]:
+        """clean / corrupted / step 1 .. step K for eight images of the last batch."""
+        was_training = self.training
+        self.eval()
+        with torch.enable_grad():
+            out = self.forward({k: v[:8] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()})
+        self.train(was_training)
+        rows = {"clean": batch["images"][:8], "corrupted": out.extras["corrupted"]}
+        rows.update({f"step {k}": x.detach() for k, x in enumerate(out.extras["restored"], start=1)})
+        plt = pyplot()
+        columns = len(rows["clean"])
+        fig, axes = plt.subplots(len(rows), columns, figsize=(1.5 * columns, 1.6 * len(rows)), squeeze=False)
+        for r, (title, images) in enumerate(rows.items()):
+            pixels = denormalize(images.float()).clamp(0, 1)
+            for c in range(columns):
+                axes[r][c].imshow(pixels[c].permute(1, 2, 0).cpu().numpy().squeeze())
+                axes[r][c].set_xticks([])
+                axes[r][c].set_yticks([])
+            axes[r][0].set_ylabel(title)
+        fig.suptitle(f"energy restoration ({self.cfg.corruption}, alpha {self.log_alpha.exp().item():.3f})")
+        fig.tight_layout()
+        path = Path(out_dir) / "restoration.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]

@@ -1,0 +1,174 @@
+"""Energy-inspired pretraining (Wang et al. ICLR 2023): the weights train only through the second-order
+graph, gradients check in float64, inner steps descend the energy on leaf inputs, corruptions are what
+they claim, and runs resume bitwise."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maskkit.config import config_from_dict
+from maskkit.data.corruptions import CORRUPTIONS, corrupt, shuffle
+from maskkit.errors import MaskkitError
+from maskkit.methods.energy import Energy, EnergyConfig
+from maskkit.nn.transformer import ViTConfig
+from maskkit.rng import sample_keys
+from maskkit.train import checkpoint
+from maskkit.train.loop import train
+from tests.conftest import deep_update
+
+
+def energy_config_dict(**sections) -> dict:
+    values = {
+        "name": "energy-test",
+        "method": "energy",
+        "model": {"encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "num_heads": 2},
+                  "inner_steps": 1},
+        "data": {"name": "photos", "image_size": 16, "photo_crops": 40},
+        "optim": {"base_lr": 1e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 10},
+    }
+    return deep_update(values, sections)
+
+
+def tiny_energy(**kw) -> Energy:
+    torch.manual_seed(0)
+    encoder = ViTConfig(image_size=8, patch_size=4, dim=8, depth=2, num_heads=2)
+    return Energy(EnergyConfig(encoder=encoder, **kw))
+
+
+def keys(n: int) -> torch.Tensor:
+    return sample_keys(0, torch.zeros(n, dtype=torch.long), torch.arange(n))
+
+
+def test_weights_train_only_through_the_second_order_graph():
+    model = tiny_energy(inner_steps=2)
+    clean = torch.randn(4, 3, 8, 8)
+    corrupted, _ = corrupt("mim", clean, keys(4), model.pixel_mean, model.pixel_std, 4)
+    for create_graph in (False, True):
+        model.zero_grad(set_to_none=True)
+        restored, _ = model.restore(corrupted, 2, create_graph=create_graph)
+        sum(torch.nn.functional.smooth_l1_loss(x, clean) for x in restored).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if name != "log_alpha"}
+        assert model.log_alpha.grad is not None and model.log_alpha.grad != 0
+        if create_graph:
+            # Every matrix of the network shapes dE/dx, so each gets a gradient (a bias that only shifts
+            # the energy, like the final LayerNorm's, rightly gets none).
+            matrices = [name for name, g in grads.items() if name.endswith("weight") and g is not None and g.ndim > 1]
+            assert len(matrices) == 1 + 4 * 2 + 1            # patch embedding, 4 per block x 2 blocks, energy head
+            assert all(torch.count_nonzero(grads[name]) > 0 for name in matrices)
+        else:   # the public ports' mistake: only alpha would train
+            assert all(g is None or torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+class OneStepLoss(Energy):
+    """One restoration step's loss as a forward, so that torch.func.functional_call can swap parameters."""
+
+    def forward(self, corrupted, clean):
+        restored, _ = self.restore(corrupted, 1, create_graph=True)
+        return ((restored[0] - clean) ** 2).mean()
+
+
+def test_float64_gradcheck_of_the_k_step_loss():
+    """Each step's loss has exact second-order gradients (gradcheck, from x_0 and from x_1), and the K = 2
+    loss's gradient is their sum: the paper stops gradients between inner steps, so step 2 trains the
+    network through its own dE/dx alone, with x_1 as a constant input."""
+    torch.manual_seed(0)
+    model = OneStepLoss(EnergyConfig(encoder=ViTConfig(image_size=8, patch_size=4, dim=8, depth=2, num_heads=2))).double()
+    clean = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x0 = clean + 0.3 * torch.randn_like(clean)
+    x1 = model.restore(x0, 1, create_graph=False)[0][0].detach()
+    names = ("energy_head.weight", "log_alpha", "encoder.blocks.1.mlp.fc2.weight", "encoder.blocks.0.attn.qkv.weight")
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in (x0, x1):
+            values = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
+            loss = lambda *v, start=start: torch.func.functional_call(model, dict(zip(names, v, strict=True)), (start, clean))
+            assert torch.autograd.gradcheck(loss, values, eps=1e-6, atol=1e-6)
+        per_step = [torch.autograd.grad(model(start, clean), [params[n] for n in names]) for start in (x0, x1)]
+        restored, _ = model.restore(x0, 2, create_graph=True)
+        two_steps = torch.autograd.grad(sum(((x - clean) ** 2).mean() for x in restored), [params[n] for n in names])
+        for total, a, b in zip(two_steps, *per_step, strict=True):
+            torch.testing.assert_close(total, a + b, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_small_steps_descend_the_energy_on_leaf_inputs():
+    model = tiny_energy(alpha_init=1e-3).eval()
+    inputs = []
+    original = model.energy
+
+    def recording(images):
+        inputs.append((images.is_leaf, images.requires_grad))
+        return original(images)
+
+    model.energy = recording
+    restored, energies = model.restore(torch.randn(3, 3, 8, 8), 4, create_graph=False)
+    assert inputs == [(True, True)] * 4                       # each step starts from a fresh leaf
+    final = original(restored[-1].detach())
+    path = torch.stack([*energies, final])                    # (K+1, B): E(x_0) .. E(x_K)
+    assert (path[1:] < path[:-1]).all(), path
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_each_corruption_changes_the_image_and_repeats_from_the_seed(name):
+    images = torch.randn(6, 3, 16, 16)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    a, where = corrupt(name, images, keys(6), mean, std, 4)
+    b, _ = corrupt(name, images, keys(6), mean, std, 4)
+    assert torch.equal(a, b) and a.shape == images.shape and where.shape == (6, 1, 16, 16)
+    assert ((a - images).flatten(1).abs().amax(1) > 1e-4).all()            # every image changed
+    # A sample is corrupted the same way in another batch.
+    part, _ = corrupt(name, images[[4, 1]], keys(6)[[4, 1]], mean, std, 4)
+    torch.testing.assert_close(part, a[[4, 1]])
+
+
+def test_mim_touches_exactly_round_r_n_patches_and_shuffle_is_a_permutation():
+    images = torch.randn(5, 3, 16, 16)
+    mean, std = torch.zeros(3), torch.ones(3)
+    out, where = corrupt("mim", images, keys(5), mean, std, 4, mask_ratio=0.75)
+    patches_removed = where[:, 0, ::4, ::4].flatten(1).sum(1)
+    assert (patches_removed == round(0.75 * 16)).all()
+    assert torch.equal(out * where, torch.zeros_like(out))                 # filled with the mean (0 here)
+    assert torch.equal(out * (1 - where), images * (1 - where))
+    moved, changed, source = shuffle(images, keys(5), mean, std, 4)
+    for b in range(5):
+        assert sorted(source[b].tolist()) == list(range(16))
+        assert 2 <= int((source[b] != torch.arange(16)).sum()) <= 8     # half the positions take part
+    # A permutation of patches: the multiset of patches is unchanged.
+    def patches(x):
+        return x.reshape(5, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(5, 16, -1)
+    for b in range(5):
+        assert torch.equal(patches(moved)[b][source[b].argsort()], patches(images)[b])
+
+
+def test_bad_values_fail_in_one_line():
+    for override, key in ((("model", "inner_steps", 0), "model.inner_steps"), (("model", "alpha_init", -0.1), "model.alpha_init"),
+                          (("model", "corruption", "blur"), "model.corruption"), (("train", "precision", "bf16"), "train.precision")):
+        section, name, value = override
+        with pytest.raises(MaskkitError, match=key.replace(".", r"\.")):
+            config_from_dict(energy_config_dict(**{section: {name: value}}))
+
+
+@pytest.mark.slow
+def test_energy_trains_the_backbone_and_resumes_bitwise_across_epochs(tmp_path):
+    cfg = config_from_dict(energy_config_dict())              # 40 samples, batch 16: 6 steps cross 2 epochs
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(cfg.train.seed)
+    start = Energy(cfg.model).state_dict()
+    assert not torch.equal(start["encoder.blocks.0.attn.qkv.weight"], a["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(start["log_alpha"], a["log_alpha"])
+    first = load_file(tmp_path / "straight" / "checkpoints" / "step_0000002" / "model.safetensors")
+    model = Energy(cfg.model)
+    model.load_state_dict(first, strict=False)
+    assert math.isclose(float(model.log_alpha), float(first["log_alpha"]))   # alpha survives the round trip
+    assert (tmp_path / "straight" / "restoration.png").is_file()
