@@ -1,0 +1,108 @@
+"""What the double backward of energy-based pretraining costs: one train step (forward, backward, AdamW)
+of the energy method with K = 1, 2, 3 inner steps, against an MAE step (mask 0.75) and a plain supervised
+step (the ViT, a linear head, cross-entropy) on the same backbone, in one process.
+
+Reported: images/s (medians over rounds that time every model in turn), FLOPs per step (counted by
+torch.utils.flop_counter on the math attention kernel, which the energy method must use for its second
+derivative anyway), and both as ratios to the supervised step.
+
+    python benchmarks/energy_step.py                 # ~2 minutes on 2 CPU cores
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from maskkit.config import OptimConfig
+from maskkit.methods.energy import Energy, EnergyConfig
+from maskkit.methods.mae import MAE, MAEConfig
+from maskkit.nn.transformer import ViT, ViTConfig
+from maskkit.train.optim import build_optimizer
+
+ENCODER = ViTConfig(image_size=32, patch_size=4, dim=128, depth=4, num_heads=4)     # mae/tiny, energy/tiny
+
+
+class CountFlops(TorchDispatchMode):
+    """FLOPs of every op with a formula in torch.utils.flop_counter. FlopCounterMode itself cannot be used:
+    its module tracker hooks break torch.autograd.grad, which the energy step calls inside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+class Supervised(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = ViT(ENCODER)
+        self.head = torch.nn.Linear(ENCODER.dim, 10)
+
+    def forward(self, batch):
+        return F.cross_entropy(self.head(self.encoder.features(batch["images"], "mean")), batch["label"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    generator = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randn(args.batch, 3, 32, 32, generator=generator),
+             "label": torch.randint(0, 10, (args.batch,), generator=generator),
+             "seed": torch.arange(args.batch)}
+    torch.manual_seed(0)
+    models = {"supervised (ViT + linear head)": (Supervised(), lambda m: m(batch))}
+    models["MAE, mask 0.75"] = (MAE(MAEConfig(encoder=ENCODER, decoder_dim=128, decoder_depth=2, decoder_num_heads=4)),
+                                lambda m: m(batch).loss)
+    for k in (1, 2, 3):
+        models[f"energy, K = {k}"] = (Energy(EnergyConfig(encoder=ENCODER, inner_steps=k)), lambda m: m(batch).loss)
+
+    steps, flops = {}, {}
+    for name, (model, loss_fn) in models.items():
+        model.train()
+        with sdpa_kernel(SDPBackend.MATH), CountFlops() as counter:
+            loss_fn(model).backward()
+        flops[name] = counter.total
+        model.zero_grad(set_to_none=True)
+        optimizer = build_optimizer(model, OptimConfig(), peak_lr=1e-4)
+
+        def step(model=model, loss_fn=loss_fn, optimizer=optimizer):
+            loss_fn(model).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()
+        steps[name] = step
+
+    speeds = {name: [] for name in models}
+    for round_index in range(args.rounds):
+        names = list(models)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            speeds[name].append(args.batch / (time.perf_counter() - start))
+    base = "supervised (ViT + linear head)"
+    print(f"batch {args.batch}, fp32, {torch.get_num_threads()} threads, {args.rounds} rounds, torch {torch.__version__}")
+    print(f"{'step':<32} {'images/s':>9} {'time vs sup.':>12} {'GFLOP':>8} {'FLOPs vs sup.':>13}")
+    for name in models:
+        speed = statistics.median(speeds[name])
+        slowdown = statistics.median(b / a for a, b in zip(speeds[name], speeds[base], strict=True))
+        print(f"{name:<32} {speed:>9.1f} {slowdown:>11.2f}x {flops[name] / 1e9:>8.2f} {flops[name] / flops[base]:>12.2f}x")
+
+
+if __name__ == "__main__":
+    main()
