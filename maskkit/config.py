@@ -221,6 +221,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     else:
         check_data(cfg.data, source)
     cfg.model.check(cfg.data, source)
+    if hasattr(cfg.model, "check_batch"):          # methods whose state depends on the global batch (queues)
+        cfg.model.check_batch(cfg.train.batch_size, source)
 
 
 def check_data(d: DataConfig, source: str) -> None:
@@ -237,6 +239,7 @@ def check_data(d: DataConfig, source: str) -> None:
     require_int(source, "data.num_workers", d.num_workers, 0, 256)
     check_normalisation(d, source)
     check_crop_scale(source, "data.crop_scale", d.crop_scale)
+    require(d.views in (1, 2), source, "data.views", d.views, "1 or 2")
 
 
 def check_normalisation(d, source: str) -> None:

@@ -45,6 +45,8 @@ class Stream(IntEnum):
     PHOTO = 8          # which crop of which photo a `photos` item is (fixed, epoch 0)
     SCENE = 9          # what a generated shapes-world image shows (fixed per item)
     CORRUPTION_KIND = 10   # which corruption a sample gets under energy pretraining's "mix"
+    COLOR = 11         # colour jitter, grayscale and blur of the first view (MoCo v2 augmentation)
+    SECOND_COLOR = 12  # the same for the second view
 
 
 # Python reference (also used for the few scalar seeds: a run's order, a photo crop).

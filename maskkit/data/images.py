@@ -47,6 +47,8 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # random resized crop, area fraction
     hflip: bool = True
+    views: int = 1                    # 2: two augmented views per image (MoCo, DenseCL), each with its box and flip
+    color: bool = False               # MoCo v2's colour jitter, grayscale and blur on top of crop and flip
 
 
 def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:

@@ -4,11 +4,13 @@ from maskkit.methods.base import Method, MethodOutput
 from maskkit.methods.energy import Energy, EnergyConfig
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.methods.mae import MAE, MAEConfig
+from maskkit.methods.moco import MoCo, MoCoConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
     "mae": (MAE, MAEConfig),
     "flip": (FLIP, FLIPConfig),
     "energy": (Energy, EnergyConfig),
+    "moco": (MoCo, MoCoConfig),
 }
 
 
@@ -19,4 +21,5 @@ def build_method(cfg) -> Method:
     return method_cls(cfg.model)
 
 
-__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "build_method"]
+__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "MoCo", "MoCoConfig",
+           "build_method"]

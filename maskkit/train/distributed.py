@@ -94,6 +94,15 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return wait_tensor(all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
 
 
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, in rank order, without gradient (keys for a queue)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks, without gradient (for logging and agreeing on a decision)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
