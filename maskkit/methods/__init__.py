@@ -1,6 +1,7 @@
 """Methods by name: the one place that maps a recipe's `method:` to its class and config."""
 
 from maskkit.methods.base import Method, MethodOutput
+from maskkit.methods.densecl import DenseCL, DenseCLConfig
 from maskkit.methods.energy import Energy, EnergyConfig
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.methods.mae import MAE, MAEConfig
@@ -11,6 +12,7 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "flip": (FLIP, FLIPConfig),
     "energy": (Energy, EnergyConfig),
     "moco": (MoCo, MoCoConfig),
+    "densecl": (DenseCL, DenseCLConfig),
 }
 
 
@@ -21,5 +23,5 @@ def build_method(cfg) -> Method:
     return method_cls(cfg.model)
 
 
-__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "MoCo", "MoCoConfig",
+__all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "MoCo", "MoCoConfig", "DenseCL", "DenseCLConfig",
            "build_method"]

@@ -98,12 +98,16 @@ class MoCo(Method):
         labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
         return F.cross_entropy(logits, labels), (logits.argmax(1) == 0).float().mean().detach()
 
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(momentum copy, trained module) pairs that the EMA updates."""
+        return [(self.key_encoder, self.encoder), (self.key_head, self.head)]
+
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         m = self.cfg.momentum
-        for key_param, param in zip([*self.key_encoder.parameters(), *self.key_head.parameters()],
-                                    [*self.encoder.parameters(), *self.head.parameters()], strict=True):
-            key_param.mul_(m).add_(param.detach(), alpha=1 - m)
+        for copy_module, module in self.ema_pairs():
+            for key_param, param in zip(copy_module.parameters(), module.parameters(), strict=True):
+                key_param.mul_(m).add_(param.detach(), alpha=1 - m)
         if self._pending_keys:
             self.enqueue(distributed.all_gather_no_grad(torch.cat(self._pending_keys)))
         self._pending_keys = []

@@ -16,10 +16,10 @@ from maskkit.train.loop import train
 from tests.conftest import deep_update
 
 
-def moco_config_dict(**sections) -> dict:
+def moco_config_dict(method: str = "moco", **sections) -> dict:
     values = {
-        "name": "moco-test",
-        "method": "moco",
+        "name": f"{method}-test",
+        "method": method,
         "model": {"encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "num_heads": 2},
                   "head_hidden": 32, "embed_dim": 16, "queue_size": 64, "momentum": 0.9},
         "data": {"name": "photos", "image_size": 16, "photo_crops": 40, "views": 2, "color": True},

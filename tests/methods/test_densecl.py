@@ -1,0 +1,116 @@
+"""DenseCL (Wang et al. CVPR 2021): the geometric correspondence is the analytic map, the feature matching
+depends on backbone tokens only, lambda = 0 is MoCo v2, and runs resume bitwise with both queues."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from kornia.geometry.transform import crop_and_resize
+from safetensors.torch import load_file
+
+from maskkit.config import config_from_dict
+from maskkit.errors import MaskkitError
+from maskkit.methods.densecl import DenseCL, DenseCLConfig, geometric_correspondence, match_tokens
+from maskkit.methods.mae import patchify
+from maskkit.methods.moco import MoCo, MoCoConfig
+from maskkit.nn.transformer import ViTConfig
+from maskkit.train import checkpoint
+from maskkit.train.loop import train
+from tests.methods.test_moco import moco_config_dict
+
+
+def corners(x0: float, y0: float, side: float) -> torch.Tensor:
+    x1, y1 = x0 + side - 1, y0 + side - 1
+    return torch.tensor([[[x0, y0], [x1, y0], [x1, y1], [x0, y1]]])
+
+
+@pytest.mark.parametrize("flip_key", [False, True])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_geometric_correspondence_of_a_view_shifted_by_k_patches(shift, flip_key):
+    size, patch = 16, 4
+    grid = size // patch
+    q, k = corners(0, 0, size), corners(shift * patch, 0, size)
+    truth = geometric_correspondence(q, torch.tensor([False]), k, torch.tensor([flip_key]), grid, size)[0]
+    for row in range(grid):
+        for col in range(grid):
+            expected = -1 if col < shift else row * grid + (col - shift)
+            if expected >= 0 and flip_key:
+                expected = row * grid + (grid - 1 - (col - shift))
+            assert int(truth[row * grid + col]) == expected
+    # And it is what crop_and_resize really does: on an image whose patches are all different, the pixels
+    # of each query patch reappear in the key view exactly at the matched token.
+    image = torch.rand(1, 3, size, size * 2)
+    view_q = crop_and_resize(image, q, (size, size))
+    view_k = crop_and_resize(image, k, (size, size))
+    by_content = match_tokens(patchify(view_q, patch), patchify(view_k, patch))[0]
+    if flip_key:      # a flip also mirrors pixels inside each patch: match unflipped, then mirror the column
+        by_content = (by_content // grid) * grid + (grid - 1 - by_content % grid)
+    valid = truth >= 0
+    assert valid.sum() == grid * (grid - shift)
+    assert torch.equal(by_content[valid], truth[valid])
+
+
+def test_matching_depends_on_backbone_tokens_not_on_the_dense_head():
+    cfg = config_from_dict(moco_config_dict(method="densecl"))
+    torch.manual_seed(0)
+    model = DenseCL(cfg.model).eval()
+    batch = {"images": torch.randn(4, 3, 16, 16), "images2": torch.randn(4, 3, 16, 16)}
+    before = model(batch).extras["match"]
+    with torch.no_grad():
+        for p in [*model.dense_head.parameters(), *model.key_dense_head.parameters()]:
+            p.normal_()
+    assert torch.equal(model(batch).extras["match"], before)
+
+
+def test_lambda_zero_is_moco_v2():
+    encoder = ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    densecl = DenseCL(DenseCLConfig(encoder=encoder, head_hidden=32, embed_dim=16, queue_size=32, dense_weight=0.0))
+    moco = MoCo(MoCoConfig(encoder=encoder, head_hidden=32, embed_dim=16, queue_size=32))
+    moco.load_state_dict({k: v for k, v in densecl.state_dict().items() if k in moco.state_dict()})
+    batch = {"images": torch.randn(4, 3, 16, 16), "images2": torch.randn(4, 3, 16, 16)}
+    a, b = densecl(batch).loss, moco(batch).loss
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    moco_params = dict(moco.named_parameters())
+    for name, p in densecl.named_parameters():
+        if name in moco_params and moco_params[name].grad is not None:
+            torch.testing.assert_close(p.grad, moco_params[name].grad, msg=name)
+
+
+def test_a_grid_smaller_than_2x2_is_refused():
+    with pytest.raises(MaskkitError, match="token grid of at least 2x2"):
+        config_from_dict(moco_config_dict(method="densecl", model={"encoder": {"patch_size": 16}}))
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_with_both_queues(tmp_path):
+    cfg = config_from_dict(moco_config_dict(method="densecl"))
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert {"queue", "dense_queue"} <= set(a) and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [__import__("json").loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all("correspondence_accuracy" in r and "dense_loss" in r for r in rows)
+
+
+def _rank_main(rank, world_size, init_file, run_dir, cfg_dict):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    train(config_from_dict(cfg_dict), run_dir, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_both_queues(tmp_path):
+    cfg_dict = moco_config_dict(method="densecl", train={"steps": 3, "threads": 1, "checkpoint_every": 3})
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), cfg_dict), nprocs=2, join=True)
+    train(config_from_dict(cfg_dict), tmp_path / "one", progress=False)
+    one = load_file(checkpoint.find_checkpoint(tmp_path / "one") / "model.safetensors")
+    two = load_file(checkpoint.find_checkpoint(tmp_path / "two") / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
