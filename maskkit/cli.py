@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
-    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune", "zero-shot", "retrieval"], default="knn")
+    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval"],
+                          default="knn")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=10 data.name=folder")
     evaluate.add_argument("--device", default="cpu")
 
@@ -88,7 +89,8 @@ def format_eval(result: dict) -> str:
     """A short table of one protocol's result (the full record is in eval.json)."""
     pretrained, random_init = result["pretrained"], result["random_init"]
     headline = {"zero-shot": "accuracy on held-out pairs" if result["dataset"] == "shapes" else "accuracy",
-                "retrieval": "mean R@1 (image->text, text->image)"}.get(result["protocol"], "accuracy")
+                "retrieval": "mean R@1 (image->text, text->image)",
+                "dense-probe": "mIoU of a per-token linear probe"}.get(result["protocol"], "accuracy")
     lines = [
         f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test images)"
         f" -- {headline}",

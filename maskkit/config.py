@@ -235,6 +235,7 @@ def check_data(d: DataConfig, source: str) -> None:
             "0 (= data.image_size) or an integer in [1, 4096]")
     require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
     require_int(source, "data.photo_crops", d.photo_crops, 1)
+    require_int(source, "data.shapes", d.shapes, 4)
     require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
     require_int(source, "data.num_workers", d.num_workers, 0, 256)
     check_normalisation(d, source)

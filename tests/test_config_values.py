@@ -52,7 +52,7 @@ FLOATS = st.one_of(
 SIZE_KEYS = {"data.image_size", "data.load_size", "model.encoder.image_size", "model.encoder.patch_size",
              "model.encoder.dim", "model.encoder.depth", "model.encoder.num_heads", "model.decoder_dim",
              "model.decoder_depth", "model.decoder_num_heads", "train.batch_size", "train.threads",
-             "data.photo_crops", "data.num_workers"}
+             "data.photo_crops", "data.num_workers", "data.shapes"}
 STRINGS = st.one_of(st.sampled_from(["", "digits", "photos", "folder", "photos+digits", "digits+", "cpu", "cuda", "bf16", "fp32",
                                      "auto", "cls", "mean", "gpu", "/no/such/dir", "mae"]), st.text(max_size=8))
 

@@ -23,7 +23,7 @@ from maskkit.rng import Stream, sample_keys, uniform
 
 log = logging.getLogger("maskkit")
 
-DATA_SETS = ("digits", "photos", "folder")
+DATA_SETS = ("digits", "photos", "folder", "shapes")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 PHOTO_NAMES = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry",
@@ -47,6 +47,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # random resized crop, area fraction
     hflip: bool = True
+    shapes: int = 4096                # images in `shapes` (the generated shapes world, with per-pixel masks)
     views: int = 1                    # 2: two augmented views per image (MoCo, DenseCL), each with its box and flip
     color: bool = False               # MoCo v2's colour jitter, grayscale and blur on top of crop and flip
 
@@ -325,6 +326,25 @@ class Indexed(Dataset):
         return {**item, "index": torch.tensor(index), "epoch": torch.tensor(epoch)}
 
 
+class ShapeImages(Dataset):
+    """The shapes world (`maskkit.data.pairs.ShapesWorld`) as an image set: images, per-pixel masks
+    (class = shape kind) and the first shape's (colour, kind) class as label; captions left out."""
+
+    def __init__(self, split: str, count: int, image_size: int, channels: int):
+        from maskkit.data.pairs import ShapesWorld
+
+        self.world = ShapesWorld("train" if split in ("train", "all") else "val", count if split != "test" else 4 * count,
+                                 image_size, channels)
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.world[i]
+        item.pop("text")
+        return item
+
+
 def build_image_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """split: "train" (pretraining / probe training), "test" (held out), or "all"."""
     parts = []
@@ -336,8 +356,10 @@ def build_image_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
             parts.append(PhotoCrops(cfg.photo_crops, load_size, cfg.in_channels))
         elif name == "folder":
             parts.append(ImageFolder(cfg.path, load_size, cfg.in_channels, split, cfg.eval_split, cfg.strict))
+        elif name == "shapes":
+            parts.append(ShapeImages(split, cfg.shapes, load_size, cfg.in_channels))
         else:
-            raise MaskkitError(f"data.name: unknown data set {name!r}; choose from digits, photos, folder (or a+b)")
+            raise MaskkitError(f"data.name: unknown data set {name!r}; choose from {', '.join(DATA_SETS)} (or a+b)")
     return Indexed(parts[0] if len(parts) == 1 else ConcatDataset(parts))
 
 
@@ -368,7 +390,10 @@ def collate(items: list[dict | Unreadable]) -> dict:
     A batch of only unreadable items has no tensors at all, just "unreadable".
     """
     kept = [item for item in items if not isinstance(item, Unreadable)]
-    batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]} if kept else {}
+    # A mixture's members can carry different extras (a shapes image has a mask, a photo has none):
+    # the batch keeps what every item has.
+    keys = [key for key in kept[0] if all(key in item for item in kept)] if kept else []
+    batch = {key: torch.stack([item[key] for item in kept]) for key in keys}
     batch["unreadable"] = [item.path for item in items if isinstance(item, Unreadable)]
     return batch
 

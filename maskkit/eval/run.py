@@ -28,7 +28,7 @@ from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 
-PROTOCOLS = ("linear", "knn", "finetune", "zero-shot", "retrieval")
+PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 
 
@@ -186,6 +186,8 @@ def evaluate_backbones(
     for protocol in protocols:
         _check_protocol(protocol)
     device = _device(device)
+    if list(protocols) == ["dense-probe"]:
+        return {"dense-probe": dense_probe_both(backbone, cfg, device, seed)}
     train_set, test_set = labelled_dataset(cfg.data, "train"), labelled_dataset(cfg.data, "test")
     num_classes = train_set.dataset.num_classes    # both labelled sets (digits, folder) define it
     augment = ImageAugment(cfg.data)
@@ -228,6 +230,21 @@ def evaluate_backbones(
                 )
                 results[protocol][name] = probe.test_accuracy
     return results
+
+
+def dense_probe_both(backbone: ViT, cfg: Config, device, seed: int = 0) -> dict:
+    """The dense probe (mIoU on held-out shapes-world images) for `backbone` and its random init."""
+    from maskkit.eval.dense_probe import dense_probe
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_init = ViT(backbone.cfg)
+    normalize = ImageAugment(cfg.data).normalize
+    result = {"protocol": "dense-probe", "dataset": "shapes (segmentation)", "num_train": 1024, "num_test": 512}
+    for name, model in (("pretrained", copy.deepcopy(backbone).to(device)), ("random_init", random_init.to(device))):
+        scores = dense_probe(model, normalize, seed=seed, device=device)
+        result[name], result[f"{name}_pixel_accuracy"] = scores["miou"], scores["pixel_accuracy"]
+    return result
 
 
 def _eval_json_path(source: Path) -> Path:
