@@ -75,6 +75,12 @@ class MoCo(Method):
     def backbone(self) -> ViT:
         return self.encoder
 
+    def check_data(self, data) -> None:
+        # A queue longer than the data set would hold several keys of the same image as "negatives".
+        if self.cfg.queue_size > len(data.dataset):
+            raise MaskkitError(f"model.queue_size={self.cfg.queue_size} is longer than the data set "
+                               f"({len(data.dataset)} images): its negatives would repeat images; use at most that")
+
     def embed(self, encoder: ViT, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim) unit vectors: the head on the mean of the output tokens."""
         tokens = encoder(images)

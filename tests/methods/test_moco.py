@@ -21,7 +21,7 @@ def moco_config_dict(method: str = "moco", **sections) -> dict:
         "name": f"{method}-test",
         "method": method,
         "model": {"encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "num_heads": 2},
-                  "head_hidden": 32, "embed_dim": 16, "queue_size": 64, "momentum": 0.9},
+                  "head_hidden": 32, "embed_dim": 16, "queue_size": 32, "momentum": 0.9},
         "data": {"name": "photos", "image_size": 16, "photo_crops": 40, "views": 2, "color": True},
         "optim": {"base_lr": 1e-3, "warmup_steps": 1},
         "train": {"steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 10},
@@ -101,7 +101,7 @@ def test_resume_is_bitwise_with_the_queue_across_epochs(tmp_path):
     a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
     b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
     assert "queue" in a and all(torch.equal(a[k], b[k]) for k in a)
-    assert int(a["queue_pointer"]) == (6 * 16) % 64
+    assert int(a["queue_pointer"]) == (6 * 16) % 32
 
 
 def _rank_main(rank, world_size, init_file, run_dir, cfg_dict):
@@ -122,6 +122,12 @@ def test_two_ranks_match_one_rank_weights_and_queue(tmp_path):
     two = load_file(checkpoint.find_checkpoint(tmp_path / "two") / "model.safetensors")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_queue_longer_than_the_data_set_is_refused(tmp_path):
+    cfg = config_from_dict(moco_config_dict(model={"queue_size": 48}))     # 40 photo crops
+    with pytest.raises(MaskkitError, match="model.queue_size=48 is longer than the data set"):
+        train(cfg, tmp_path / "run", progress=False)
 
 
 def test_bad_values_fail_in_one_line():
