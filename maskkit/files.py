@@ -34,3 +34,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def image_grid(rows: dict, title: str, path: Path, dpi: int = 120) -> Path:
+    """A figure of image rows ({row title: (B, C, H, W) pixels in [0, 1]}), one column per image."""
+    plt = pyplot()
+    columns = len(next(iter(rows.values())))
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns, 1.7 * len(rows)), squeeze=False)
+    for r, (row_title, images) in enumerate(rows.items()):
+        for c in range(columns):
+            axes[r][c].imshow(images[c].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().squeeze())
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[r][0].set_ylabel(row_title)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)

@@ -25,7 +25,7 @@ from torch import nn
 
 from maskkit.data.corruptions import CORRUPTIONS, corrupt
 from maskkit.errors import require, require_float, require_int
-from maskkit.files import pyplot
+from maskkit.files import image_grid
 from maskkit.methods.base import Method, MethodOutput
 from maskkit.nn.transformer import ViT, ViTConfig, double_backward_safe
 
@@ -136,19 +136,6 @@ class Energy(Method):
         self.train(was_training)
         rows = {"clean": batch["images"][:8], "corrupted": out.extras["corrupted"]}
         rows.update({f"step {k}": x.detach() for k, x in enumerate(out.extras["restored"], start=1)})
-        plt = pyplot()
-        columns = len(rows["clean"])
-        fig, axes = plt.subplots(len(rows), columns, figsize=(1.5 * columns, 1.6 * len(rows)), squeeze=False)
-        for r, (title, images) in enumerate(rows.items()):
-            pixels = denormalize(images.float()).clamp(0, 1)
-            for c in range(columns):
-                axes[r][c].imshow(pixels[c].permute(1, 2, 0).cpu().numpy().squeeze())
-                axes[r][c].set_xticks([])
-                axes[r][c].set_yticks([])
-            axes[r][0].set_ylabel(title)
-        fig.suptitle(f"energy restoration ({self.cfg.corruption}, alpha {self.log_alpha.exp().item():.3f})")
-        fig.tight_layout()
-        path = Path(out_dir) / "restoration.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        rows = {title: denormalize(images.float()) for title, images in rows.items()}
+        title = f"energy restoration ({self.cfg.corruption}, alpha {self.log_alpha.exp().item():.3f})"
+        return [image_grid(rows, title, Path(out_dir) / "restoration.png")]

@@ -14,7 +14,7 @@ from torch import nn
 
 from maskkit.data.images import DataConfig
 from maskkit.errors import require, require_float, require_int
-from maskkit.files import pyplot
+from maskkit.files import image_grid
 from maskkit.methods.base import Method, MethodOutput
 from maskkit.nn.masking import Masking, gather_tokens, num_kept, random_masking
 from maskkit.nn.pos_embed import sincos_2d
@@ -172,8 +172,7 @@ class MAE(Method):
         return unpatchify(pasted, self.patch_size, channels), mask_image
 
     def save_figures(self, batch, out_dir: Path, denormalize=lambda x: x) -> list[Path]:
-        plt = pyplot()
-
+        """original / masked / reconstruction for eight images of the last batch."""
         images = batch["images"][:8]
         noise = batch["noise"][:8] if "noise" in batch else None
         was_training = self.training
@@ -185,16 +184,5 @@ class MAE(Method):
             "masked": denormalize(images.float()) * (1 - mask_image) + 0.5 * mask_image,
             "reconstruction": denormalize(recon),
         }
-        fig, axes = plt.subplots(3, len(images), figsize=(1.6 * len(images), 5.2), squeeze=False)
-        for row, (title, tensor) in enumerate(rows.items()):
-            for col in range(len(images)):
-                axes[row][col].imshow(tensor[col].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-                axes[row][col].set_xticks([])
-                axes[row][col].set_yticks([])
-            axes[row][0].set_ylabel(title)
-        fig.suptitle(f"MAE reconstructions (mask ratio {self.cfg.mask_ratio:.2f})")
-        fig.tight_layout()
-        path = Path(out_dir) / "reconstruction.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return [path]
+        title = f"MAE reconstructions (mask ratio {self.cfg.mask_ratio:.2f})"
+        return [image_grid(rows, title, Path(out_dir) / "reconstruction.png")]

@@ -3,7 +3,6 @@ depends on backbone tokens only, lambda = 0 is MoCo v2, and runs resume bitwise 
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from kornia.geometry.transform import crop_and_resize
 from safetensors.torch import load_file
 
@@ -15,6 +14,7 @@ from maskkit.methods.moco import MoCo, MoCoConfig
 from maskkit.nn.transformer import ViTConfig
 from maskkit.train import checkpoint
 from maskkit.train.loop import train
+from tests.helpers import assert_same_weights, train_on_two_ranks
 from tests.methods.test_moco import moco_config_dict
 
 
@@ -96,21 +96,9 @@ def test_resume_is_bitwise_with_both_queues(tmp_path):
     assert all("correspondence_accuracy" in r and "dense_loss" in r for r in rows)
 
 
-def _rank_main(rank, world_size, init_file, run_dir, cfg_dict):
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    train(config_from_dict(cfg_dict), run_dir, progress=False)
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_both_queues(tmp_path):
     cfg_dict = moco_config_dict(method="densecl", train={"steps": 3, "threads": 1, "checkpoint_every": 3})
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), cfg_dict), nprocs=2, join=True)
+    train_on_two_ranks(cfg_dict, tmp_path / "two", tmp_path / "init")
     train(config_from_dict(cfg_dict), tmp_path / "one", progress=False)
-    one = load_file(checkpoint.find_checkpoint(tmp_path / "one") / "model.safetensors")
-    two = load_file(checkpoint.find_checkpoint(tmp_path / "two") / "model.safetensors")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")

@@ -17,6 +17,7 @@ from maskkit.rng import sample_keys
 from maskkit.train import checkpoint
 from maskkit.train.loop import train
 from tests.conftest import deep_update
+from tests.helpers import assert_same_weights, train_on_two_ranks
 
 
 def energy_config_dict(**sections) -> dict:
@@ -174,25 +175,11 @@ def test_energy_trains_the_backbone_and_resumes_bitwise_across_epochs(tmp_path):
     assert (tmp_path / "straight" / "restoration.png").is_file()
 
 
-def _energy_rank_main(rank, world_size, init_file, run_dir, cfg_dict):
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    train(config_from_dict(cfg_dict), run_dir, progress=False)
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_train_energy_like_one(tmp_path):
     """Under DDP the second-order graph still reaches every weight, and parameters that rightly get no
     gradient (the final LayerNorm's bias) do not stall the all-reduce."""
-    import torch.multiprocessing as mp
-
     cfg_dict = energy_config_dict(train={"steps": 3, "threads": 1, "checkpoint_every": 3})
-    mp.spawn(_energy_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), cfg_dict), nprocs=2, join=True)
+    train_on_two_ranks(cfg_dict, tmp_path / "two", tmp_path / "init")
     train(config_from_dict(cfg_dict), tmp_path / "one", progress=False)
-    one = load_file(checkpoint.find_checkpoint(tmp_path / "one") / "model.safetensors")
-    two = load_file(checkpoint.find_checkpoint(tmp_path / "two") / "model.safetensors")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")

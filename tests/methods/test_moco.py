@@ -4,16 +4,16 @@ and 2 ranks equal 1."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from maskkit.config import config_from_dict
 from maskkit.errors import MaskkitError
 from maskkit.methods.moco import MoCo, MoCoConfig
 from maskkit.nn.transformer import ViTConfig
-from maskkit.train import checkpoint, loop
+from maskkit.train import checkpoint
 from maskkit.train.loop import train
 from tests.conftest import deep_update
+from tests.helpers import assert_same_weights, first_step, train_on_two_ranks
 
 
 def moco_config_dict(method: str = "moco", **sections) -> dict:
@@ -60,27 +60,6 @@ def test_key_encoder_is_an_ema_of_the_query_encoder_updated_once_per_step():
     assert not any(p.requires_grad for p in model.key_encoder.parameters())
 
 
-def first_step(cfg, run_dir, monkeypatch) -> tuple[dict, dict]:
-    captured = {}
-    build = loop.build_optimizer
-
-    def capture(method, optim_cfg, peak_lr):
-        optimizer = build(method, optim_cfg, peak_lr)
-        step = optimizer.step
-
-        def step_and_capture(*args, **kwargs):
-            if not captured:
-                captured.update({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
-            return step(*args, **kwargs)
-
-        optimizer.step = step_and_capture
-        return optimizer
-
-    monkeypatch.setattr(loop, "build_optimizer", capture)
-    train(cfg, run_dir, stop_at_step=1, progress=False)
-    return captured, load_file(checkpoint.find_checkpoint(run_dir) / "model.safetensors")
-
-
 def test_four_micro_batches_give_the_gradients_queue_and_key_encoder_of_one_batch(tmp_path, monkeypatch):
     whole = first_step(config_from_dict(moco_config_dict()), tmp_path / "whole", monkeypatch)
     micro = first_step(config_from_dict(moco_config_dict(train={"accumulation_steps": 4})), tmp_path / "micro",
@@ -104,30 +83,12 @@ def test_resume_is_bitwise_with_the_queue_across_epochs(tmp_path):
     assert int(a["queue_pointer"]) == (6 * 16) % 32
 
 
-def _rank_main(rank, world_size, init_file, run_dir, cfg_dict):
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    train(config_from_dict(cfg_dict), run_dir, progress=False)
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_weights_and_queue(tmp_path):
     cfg_dict = moco_config_dict(train={"steps": 3, "threads": 1, "checkpoint_every": 3})
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), cfg_dict), nprocs=2, join=True)
+    train_on_two_ranks(cfg_dict, tmp_path / "two", tmp_path / "init")
     train(config_from_dict(cfg_dict), tmp_path / "one", progress=False)
-    one = load_file(checkpoint.find_checkpoint(tmp_path / "one") / "model.safetensors")
-    two = load_file(checkpoint.find_checkpoint(tmp_path / "two") / "model.safetensors")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_a_queue_longer_than_the_data_set_is_refused(tmp_path):
-    cfg = config_from_dict(moco_config_dict(model={"queue_size": 48}))     # 40 photo crops
-    with pytest.raises(MaskkitError, match="model.queue_size=48 is longer than the data set"):
-        train(cfg, tmp_path / "run", progress=False)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")        # the queue and the key encoder included
 
 
 def test_bad_values_fail_in_one_line():

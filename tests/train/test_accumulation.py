@@ -2,28 +2,11 @@
 
 import torch
 
-from maskkit.train import loop
+from tests.helpers import first_step
 
 
-def first_step_gradients(cfg, tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
-    captured = {}
-    build = loop.build_optimizer
-
-    def build_and_capture(method, optim_cfg, peak_lr):
-        optimizer = build(method, optim_cfg, peak_lr)
-        step = optimizer.step
-
-        def step_and_capture(*args, **kwargs):
-            if not captured:
-                captured.update({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
-            return step(*args, **kwargs)
-
-        optimizer.step = step_and_capture
-        return optimizer
-
-    monkeypatch.setattr(loop, "build_optimizer", build_and_capture)
-    loop.train(cfg, tmp_path, stop_at_step=1, progress=False)
-    return captured
+def first_step_gradients(cfg, run_dir, monkeypatch) -> dict[str, torch.Tensor]:
+    return first_step(cfg, run_dir, monkeypatch)[0]
 
 
 def test_four_micro_batches_of_16_give_the_gradients_of_one_batch_of_64(tmp_path, tiny_config, monkeypatch):
