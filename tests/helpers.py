@@ -53,3 +53,17 @@ def first_step(cfg, run_dir, monkeypatch) -> tuple[dict[str, torch.Tensor], dict
     monkeypatch.setattr(loop, "build_optimizer", build_and_capture)
     loop.train(cfg, run_dir, stop_at_step=1, progress=False)
     return captured, final_weights(run_dir)
+
+
+def resumed_and_straight(cfg, tmp_path, stop_at: int = 3) -> tuple[dict, dict]:
+    """Final weights of an uninterrupted run and of one stopped at `stop_at` and resumed (same config)."""
+    loop.train(cfg, tmp_path / "straight", progress=False)
+    loop.train(cfg, tmp_path / "resumed", stop_at_step=stop_at, progress=False)
+    loop.train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    return final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -4,7 +4,6 @@ depends on backbone tokens only, lambda = 0 is MoCo v2, and runs resume bitwise 
 import pytest
 import torch
 from kornia.geometry.transform import crop_and_resize
-from safetensors.torch import load_file
 
 from maskkit.config import config_from_dict
 from maskkit.errors import MaskkitError
@@ -12,9 +11,8 @@ from maskkit.methods.densecl import DenseCL, DenseCLConfig, geometric_correspond
 from maskkit.methods.mae import patchify
 from maskkit.methods.moco import MoCo, MoCoConfig
 from maskkit.nn.transformer import ViTConfig
-from maskkit.train import checkpoint
 from maskkit.train.loop import train
-from tests.helpers import assert_same_weights, train_on_two_ranks
+from tests.helpers import assert_bitwise_equal, assert_same_weights, resumed_and_straight, train_on_two_ranks
 from tests.methods.test_moco import moco_config_dict
 
 
@@ -86,12 +84,9 @@ def test_a_grid_smaller_than_2x2_is_refused():
 @pytest.mark.slow
 def test_resume_is_bitwise_with_both_queues(tmp_path):
     cfg = config_from_dict(moco_config_dict(method="densecl"))
-    train(cfg, tmp_path / "straight", progress=False)
-    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
-    train(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
-    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
-    assert {"queue", "dense_queue"} <= set(a) and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = resumed_and_straight(cfg, tmp_path)
+    assert_bitwise_equal(a, b)
+    assert {"queue", "dense_queue"} <= set(a)
     rows = [__import__("json").loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all("correspondence_accuracy" in r and "dense_loss" in r for r in rows)
 

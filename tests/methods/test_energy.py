@@ -14,10 +14,9 @@ from maskkit.errors import MaskkitError
 from maskkit.methods.energy import Energy, EnergyConfig
 from maskkit.nn.transformer import ViTConfig
 from maskkit.rng import sample_keys
-from maskkit.train import checkpoint
 from maskkit.train.loop import train
 from tests.conftest import deep_update
-from tests.helpers import assert_same_weights, train_on_two_ranks
+from tests.helpers import assert_bitwise_equal, assert_same_weights, resumed_and_straight, train_on_two_ranks
 
 
 def energy_config_dict(**sections) -> dict:
@@ -158,12 +157,8 @@ def test_bad_values_fail_in_one_line():
 @pytest.mark.slow
 def test_energy_trains_the_backbone_and_resumes_bitwise_across_epochs(tmp_path):
     cfg = config_from_dict(energy_config_dict())              # 40 samples, batch 16: 6 steps cross 2 epochs
-    train(cfg, tmp_path / "straight", progress=False)
-    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
-    train(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
-    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = resumed_and_straight(cfg, tmp_path)
+    assert_bitwise_equal(a, b)
     torch.manual_seed(cfg.train.seed)
     start = Energy(cfg.model).state_dict()
     assert not torch.equal(start["encoder.blocks.0.attn.qkv.weight"], a["encoder.blocks.0.attn.qkv.weight"])

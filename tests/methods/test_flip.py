@@ -15,8 +15,9 @@ from maskkit.data import build_data
 from maskkit.errors import MaskkitError
 from maskkit.methods.flip import FLIP
 from maskkit.rng import sample_keys
-from maskkit.train import checkpoint, distributed
+from maskkit.train import distributed
 from maskkit.train.loop import train
+from tests.helpers import assert_bitwise_equal, resumed_and_straight
 
 
 def flip_config_dict(**sections) -> dict:
@@ -135,12 +136,8 @@ def test_two_ranks_give_the_gradients_of_the_global_batch(tmp_path):
 @pytest.mark.slow
 def test_resumed_flip_run_is_bitwise_identical_across_the_switch_to_unmasked_tuning(tmp_path):
     cfg = config_from_dict(flip_config_dict())               # steps 4 and 5 are unmasked
-    train(cfg, tmp_path / "straight", progress=False)
-    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
-    train(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
-    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = resumed_and_straight(cfg, tmp_path)
+    assert_bitwise_equal(a, b)
     rows = [__import__("json").loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["mask_ratio"] for r in rows] == [0.5, 0.5, 0.5, 0.5, 0.0, 0.0]
     for name in ("backbone.safetensors", "text.safetensors"):

@@ -4,16 +4,20 @@ and 2 ranks equal 1."""
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from maskkit.config import config_from_dict
 from maskkit.errors import MaskkitError
 from maskkit.methods.moco import MoCo, MoCoConfig
 from maskkit.nn.transformer import ViTConfig
-from maskkit.train import checkpoint
 from maskkit.train.loop import train
 from tests.conftest import deep_update
-from tests.helpers import assert_same_weights, first_step, train_on_two_ranks
+from tests.helpers import (
+    assert_bitwise_equal,
+    assert_same_weights,
+    first_step,
+    resumed_and_straight,
+    train_on_two_ranks,
+)
 
 
 def moco_config_dict(method: str = "moco", **sections) -> dict:
@@ -74,12 +78,9 @@ def test_four_micro_batches_give_the_gradients_queue_and_key_encoder_of_one_batc
 @pytest.mark.slow
 def test_resume_is_bitwise_with_the_queue_across_epochs(tmp_path):
     cfg = config_from_dict(moco_config_dict())             # 40 samples, batch 16: 6 steps cross 2 epochs
-    train(cfg, tmp_path / "straight", progress=False)
-    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
-    train(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a = load_file(checkpoint.find_checkpoint(tmp_path / "straight") / "model.safetensors")
-    b = load_file(checkpoint.find_checkpoint(tmp_path / "resumed") / "model.safetensors")
-    assert "queue" in a and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = resumed_and_straight(cfg, tmp_path)
+    assert_bitwise_equal(a, b)
+    assert "queue" in a
     assert int(a["queue_pointer"]) == (6 * 16) % 32
 
 
