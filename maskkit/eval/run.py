@@ -193,9 +193,10 @@ def evaluate_backbones(
     augment = ImageAugment(cfg.data)
     ecfg = cfg.eval
     # Fine-tuning crops and flips by eval.finetune_crop_scale / eval.finetune_hflip (see EvalConfig).
-    finetune_augment = ImageAugment(
-        dataclasses.replace(cfg.data, crop_scale=list(ecfg.finetune_crop_scale), hflip=ecfg.finetune_hflip)
-    )
+    # One view, no colour augmentation, whatever the pretraining used (two views for MoCo / DenseCL).
+    single_view = {"views": 1, "color": False} if hasattr(cfg.data, "views") else {}
+    finetune_augment = ImageAugment(dataclasses.replace(
+        cfg.data, crop_scale=list(ecfg.finetune_crop_scale), hflip=ecfg.finetune_hflip, **single_view))
     with torch.random.fork_rng(devices=[]):        # seeded, without moving the caller's global generator
         torch.manual_seed(seed)
         random_init = ViT(backbone.cfg)
