@@ -42,8 +42,9 @@ def build_data(cfg, split: str = "train") -> Data:
         from maskkit.data.pairs import PairCollate, build_pair_dataset, captions_of, count_truncated, pair_tokenizer
 
         dataset = build_pair_dataset(cfg, split)
-        tokenizer = pair_tokenizer(cfg)
-        truncated = count_truncated(tokenizer, captions_of(dataset))
+        captions = captions_of(dataset)
+        tokenizer = pair_tokenizer(cfg, captions if split == "train" else None)   # the train split's: read once
+        truncated = count_truncated(tokenizer, captions)
         if truncated:
             log.warning("%d of the %d captions are longer than data.context_length=%d tokens and are truncated",
                         truncated, len(dataset), cfg.context_length)

@@ -180,6 +180,13 @@ def held_out(count: int, fraction: float) -> list[bool]:
     return [math.floor((r + 1) * fraction + 0.5) > math.floor(r * fraction + 0.5) for r in range(count)]
 
 
+def take_split(items: list, fraction: float, split: str) -> list:
+    """The items of `split` ("train", "test" = the held-out `fraction`, or "all"), in their order."""
+    if split == "all":
+        return list(items)
+    return [item for item, out in zip(items, held_out(len(items), fraction), strict=True) if out == (split == "test")]
+
+
 def _open_error(path: Path, decode: bool) -> str | None:
     """None if PIL can open `path` (and, with `decode`, decode all of it), else the reason it cannot."""
     from PIL import Image, UnidentifiedImageError

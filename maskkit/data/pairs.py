@@ -13,7 +13,6 @@ workers) into "ids" and "attention_mask".
 
 import csv
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +25,7 @@ from maskkit.data.images import (
     Unreadable,
     collate,
     report_unreadable,
+    take_split,
     to_channels,
 )
 from maskkit.data.tokenizer import Tokenizer, build_tokenizer
@@ -243,8 +243,7 @@ class CaptionFile(Dataset):
             log.warning("%s: skipped %d rows with an empty caption and %d with a missing image", path, empty, missing)
         if not pairs:
             raise MaskkitError(f"{path}: no usable (image, caption) rows ({empty} empty captions, {missing} missing images)")
-        held = [math.floor((r + 1) * cfg.eval_split + 0.5) > math.floor(r * cfg.eval_split + 0.5) for r in range(len(pairs))]
-        self.pairs = [p for p, out in zip(pairs, held, strict=True) if out == (split == "test")] if split != "all" else pairs
+        self.pairs = take_split(pairs, cfg.eval_split, split)
         if not self.pairs:
             raise MaskkitError(f"{path}: the {split!r} split is empty (data.eval_split={cfg.eval_split})")
         self.image_size, self.channels = cfg.image_size, cfg.in_channels
@@ -314,10 +313,7 @@ class Shards(Dataset):
                         without_image)
         if not samples:
             raise MaskkitError(f"data.path: the shards at {root} hold no (image, caption) samples")
-        held = [math.floor((r + 1) * cfg.eval_split + 0.5) > math.floor(r * cfg.eval_split + 0.5)
-                for r in range(len(samples))]
-        self.samples = ([s for s, out in zip(samples, held, strict=True) if out == (split == "test")]
-                        if split != "all" else samples)
+        self.samples = take_split(samples, cfg.eval_split, split)
         if not self.samples:
             raise MaskkitError(f"data.path: the {split!r} split of the shards is empty (data.eval_split={cfg.eval_split})")
         self.image_size, self.channels = cfg.image_size, cfg.in_channels
@@ -375,11 +371,12 @@ def captions_of(dataset: Dataset) -> list[str]:
         caption(inner.scene(i), [0.0] * 3) for i in range(min(len(inner), 256))]
 
 
-def pair_tokenizer(cfg: PairDataConfig) -> Tokenizer:
-    """The run's tokenizer; for tokenizer=captions it is learnt from the training split's captions."""
-    captions = captions_of(build_pair_dataset(cfg, "train")) if cfg.tokenizer == "captions" else []
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.context_length, cfg.vocab_size, captions)
-    return tokenizer
+def pair_tokenizer(cfg: PairDataConfig, train_captions: list[str] | None = None) -> Tokenizer:
+    """The run's tokenizer; for tokenizer=captions it is learnt from the training split's captions
+    (`train_captions` when the caller has them already, else read from the training split)."""
+    if cfg.tokenizer == "captions" and train_captions is None:
+        train_captions = captions_of(build_pair_dataset(cfg, "train"))
+    return build_tokenizer(cfg.tokenizer, cfg.context_length, cfg.vocab_size, train_captions or [])
 
 
 class PairCollate:
