@@ -23,8 +23,7 @@ from maskkit.data.corruptions import corrupt
 from maskkit.data.images import labelled_dataset
 from maskkit.eval.features import extract_features
 from maskkit.eval.linear_probe import linear_probe
-from maskkit.eval.run import evaluate_backbones, load_backbone
-from maskkit.methods import build_method
+from maskkit.eval.run import evaluate_backbones, load_backbone, method_from_checkpoint
 from maskkit.methods.energy import psnr
 from maskkit.rng import sample_keys
 from maskkit.train import checkpoint
@@ -47,10 +46,7 @@ def few_label_probe(backbone, cfg, per_class: int = 10, seed: int = 0) -> float:
 @torch.no_grad()
 def restoration_psnr(run_dir: Path) -> dict:
     """PSNR (dB) of masked held-out digits, corrupted and after each of 1..3 gradient steps of the energy model."""
-    found = checkpoint.find_checkpoint(run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"))
-    method = build_method(cfg)
-    checkpoint.load_weights(method, found)
+    method, cfg = method_from_checkpoint(checkpoint.find_checkpoint(run_dir))
     data = build_data(cfg.data, "train")
     method.check_data(data)
     method.eval()

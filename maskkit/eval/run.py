@@ -62,13 +62,19 @@ def load_backbone(path: str | Path) -> tuple[ViT, Config]:
     return _from_checkpoint(source) if source.is_dir() else _from_safetensors(source)
 
 
-def _from_checkpoint(checkpoint: Path) -> tuple[ViT, Config]:
+def method_from_checkpoint(checkpoint: Path):
+    """(method with the checkpoint's weights, the run's config) from a checkpoint directory."""
     state = read_state(checkpoint)
     if not isinstance(state.get("config"), dict):
         raise MaskkitError(f"{checkpoint / 'state.json'} holds no config, so the model cannot be rebuilt")
     cfg = config_from_dict(state["config"], source=str(checkpoint / "state.json"))
     method = build_method(cfg)
     load_weights(method, checkpoint)
+    return method, cfg
+
+
+def _from_checkpoint(checkpoint: Path) -> tuple[ViT, Config]:
+    method, cfg = method_from_checkpoint(checkpoint)
     if not isinstance(method.backbone, ViT):
         raise MaskkitError(f"{checkpoint}: method {cfg.method!r} has no ViT backbone to evaluate on images")
     return method.backbone, cfg
@@ -111,10 +117,7 @@ def load_method(source: Path):
     if not source.is_dir():
         raise MaskkitError(f"{source}: zero-shot and retrieval need a run or checkpoint directory (both towers), "
                            "not an exported backbone")
-    state = read_state(source)
-    cfg = config_from_dict(state.get("config") or {}, source=str(source / "state.json"))
-    method = build_method(cfg)
-    load_weights(method, source)
+    method, cfg = method_from_checkpoint(source)
     if not hasattr(method, "encode_text"):
         raise MaskkitError(f"{source}: method {cfg.method!r} has no text tower; zero-shot and retrieval need one (flip)")
     return method, cfg
@@ -186,8 +189,12 @@ def evaluate_backbones(
     for protocol in protocols:
         _check_protocol(protocol)
     device = _device(device)
-    if list(protocols) == ["dense-probe"]:
-        return {"dense-probe": dense_probe_both(backbone, cfg, device, seed)}
+    results = {}
+    if "dense-probe" in protocols:            # its own data (the shapes world), not the labelled set
+        results["dense-probe"] = dense_probe_both(backbone, cfg, device, seed)
+        protocols = [p for p in protocols if p != "dense-probe"]
+        if not protocols:
+            return results
     train_set, test_set = labelled_dataset(cfg.data, "train"), labelled_dataset(cfg.data, "test")
     num_classes = train_set.dataset.num_classes    # both labelled sets (digits, folder) define it
     augment = ImageAugment(cfg.data)
@@ -202,7 +209,8 @@ def evaluate_backbones(
         random_init = ViT(backbone.cfg)
     backbones = {"pretrained": copy.deepcopy(backbone).to(device), "random_init": random_init.to(device)}
     sizes = {"num_train": len(train_set), "num_test": len(test_set)}
-    results = {protocol: {"protocol": protocol, "dataset": labelled_name(cfg.data.name), **sizes} for protocol in protocols}
+    results.update({protocol: {"protocol": protocol, "dataset": labelled_name(cfg.data.name), **sizes}
+                    for protocol in protocols})
     for name, model in backbones.items():
         features = None  # (train_f, train_y, test_f, test_y), computed once for kNN and the probe together
         for protocol in protocols:

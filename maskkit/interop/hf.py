@@ -252,6 +252,15 @@ def _import_transformers():
     return transformers
 
 
+def from_pretrained_dir(model_class, path: Path):
+    """`model_class.from_pretrained` on a local directory; what it cannot load is a one-line MaskkitError."""
+    try:
+        return model_class.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MaskkitError(f"{path}: cannot load a {model_class.__name__}: {first_line}") from None
+
+
 def load_hf_vitmae(model_or_path) -> MAE:
     """A maskkit MAE from a ViTMAEForPreTraining instance or a local directory written by `save_pretrained`."""
     transformers = _import_transformers()
@@ -259,11 +268,7 @@ def load_hf_vitmae(model_or_path) -> MAE:
         path = Path(model_or_path)
         if not path.is_dir():
             raise MaskkitError(f"{path}: not a directory; pass a local directory written by save_pretrained")
-        try:
-            model = transformers.ViTMAEForPreTraining.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise MaskkitError(f"{path}: cannot load a ViTMAEForPreTraining: {first_line}") from error
+        model = from_pretrained_dir(transformers.ViTMAEForPreTraining, path)
     elif isinstance(model_or_path, transformers.ViTMAEForPreTraining):
         model = model_or_path
     else:

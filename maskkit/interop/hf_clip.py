@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from maskkit.errors import MaskkitError
-from maskkit.interop.hf import _import_transformers
+from maskkit.interop.hf import _import_transformers, from_pretrained_dir
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.nn.transformer import TextConfig, ViTConfig
 
@@ -143,11 +143,7 @@ def load_hf_clip(source) -> FLIP:
         path = Path(source).expanduser()
         if not path.is_dir():
             raise MaskkitError(f"{path} is not a directory holding a Hugging Face CLIPModel")
-        try:
-            source = transformers.CLIPModel.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise MaskkitError(f"{path}: cannot load a CLIPModel: {first_line}") from None
+        source = from_pretrained_dir(transformers.CLIPModel, path)
     cfg = flip_config_from_hf_clip(source.config)
     flip = FLIP(cfg)
     flip.load_state_dict(flip_from_hf_clip_state_dict(source.state_dict(), cfg))
