@@ -124,7 +124,7 @@ class DenseCL(MoCo):
     def dense_info_nce(self, query: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         """Per-token InfoNCE (Eq. 3): positive = the matched key token, negatives = the dense queue."""
         positive_logit = (query * positive).sum(2, keepdim=True)                                # (B, N, 1)
-        negative_logits = query @ self.dense_queue.clone().T                                   # (B, N, K)
+        negative_logits = query @ self.dense_queue.T                                           # (B, N, K)
         logits = torch.cat([positive_logit, negative_logits], dim=2).flatten(0, 1) / self.cfg.temperature
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 

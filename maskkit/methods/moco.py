@@ -99,7 +99,8 @@ class MoCo(Method):
     def info_nce(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of [positive, queue negatives] logits / T with the positive as class 0 (Eq. 1)."""
         positive = (query * key).sum(1, keepdim=True)                                        # (B, 1)
-        negative = query @ self.queue.clone().T                                              # (B, K)
+        # No copy of the queue: it only changes in after_step, once every backward of the step is done.
+        negative = query @ self.queue.T                                                      # (B, K)
         logits = torch.cat([positive, negative], dim=1) / self.cfg.temperature
         labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
         return F.cross_entropy(logits, labels), (logits.argmax(1) == 0).float().mean().detach()

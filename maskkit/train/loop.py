@@ -200,7 +200,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             # Readable samples per micro-batch on this rank, and over all ranks: every rank makes the same
             # decisions from them (which micro-batches run, how losses are weighted), so none waits alone.
             counts = torch.tensor([batch_size_of(b) for b in micro_batches], dtype=torch.float64)
-            global_counts = distributed.all_reduce_sum(counts.to(info.device)).cpu()
+            # One process needs no exchange (and no host-device round trip on a GPU every step).
+            global_counts = distributed.all_reduce_sum(counts.to(info.device)).cpu() if info.enabled else counts
             total = float(global_counts.sum())
             running = [m for m in range(tcfg.accumulation_steps) if global_counts[m] > 0]
             step_loss = torch.zeros((), device=info.device)
@@ -329,5 +330,5 @@ class Progress:
 
 def prepare(data: Data, batch: dict, seed: int, device: torch.device) -> dict:
     """The data layer's `prepare`, with each sample's key of (run seed, epoch, index) computed on `device`."""
-    keys = sample_keys(seed, batch["epoch"].to(device), batch["index"].to(device))
+    keys = sample_keys(seed, batch["epoch"], batch["index"]).to(device, non_blocking=True)   # B numbers
     return data.prepare(batch, keys, device)
