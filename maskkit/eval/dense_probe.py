@@ -25,8 +25,7 @@ def token_features(backbone: ViT, world: ShapesWorld, count: int, normalize, dev
     for start in range(0, count, batch_size):
         items = [world[i] for i in range(start, min(count, start + batch_size))]
         images = normalize(torch.stack([item["images"] for item in items]).to(device))
-        tokens = backbone(images)
-        features.append((tokens[:, 1:] if backbone.cls_token is not None else tokens).float().cpu())
+        features.append(backbone.patch_tokens(backbone(images)).float().cpu())
         masks.append(torch.stack([item["mask"] for item in items]))
     backbone.train(was_training)
     return torch.cat(features), torch.cat(masks)

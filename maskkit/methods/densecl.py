@@ -86,17 +86,12 @@ class DenseCL(MoCo):
     def ema_pairs(self):
         return [*super().ema_pairs(), (self.key_dense_head, self.dense_head)]
 
-    @staticmethod
-    def patch_tokens(encoder, images: torch.Tensor) -> torch.Tensor:
-        tokens = encoder(images)
-        return tokens[:, 1:] if encoder.cls_token is not None else tokens                     # (B, N, D)
-
     def forward(self, batch: dict) -> MethodOutput:
-        query_tokens = self.patch_tokens(self.encoder, batch["images"])                        # (B, N, D)
+        query_tokens = self.encoder.patch_tokens(self.encoder(batch["images"]))              # (B, N, D)
         query = F.normalize(self.head(query_tokens.mean(1)).float(), dim=1)                    # (B, E)
         query_dense = F.normalize(self.dense_head(query_tokens).float(), dim=2)                # (B, N, E)
         with torch.no_grad():
-            key_tokens = self.patch_tokens(self.key_encoder, batch["images2"])
+            key_tokens = self.key_encoder.patch_tokens(self.key_encoder(batch["images2"]))
             key = F.normalize(self.key_head(key_tokens.mean(1)).float(), dim=1)
             key_dense = F.normalize(self.key_dense_head(key_tokens).float(), dim=2)            # (B, N, E)
             match = match_tokens(query_tokens.detach(), key_tokens)                            # backbone features

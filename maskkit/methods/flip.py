@@ -111,8 +111,7 @@ class FLIP(Method):
         tokens = self.encoder(images, keep=keep)                                  # (B, [1+] N_keep, D)
         if self.cfg.image_pool == "cls":
             return self.image_projection(tokens[:, 0])
-        patches = tokens[:, 1:] if self.encoder.cls_token is not None else tokens
-        return self.image_projection(patches.mean(1))
+        return self.image_projection(self.encoder.patch_tokens(tokens).mean(1))
 
     def encode_text(self, ids: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None,
                     mask_ratio: float = 0.0) -> torch.Tensor:

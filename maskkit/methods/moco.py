@@ -83,9 +83,7 @@ class MoCo(Method):
 
     def embed(self, encoder: ViT, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim) unit vectors: the head on the mean of the output tokens."""
-        tokens = encoder(images)
-        patches = tokens[:, 1:] if encoder.cls_token is not None else tokens
-        return F.normalize(head(patches.mean(1)).float(), dim=1)
+        return F.normalize(head(encoder.features(images, "mean")).float(), dim=1)
 
     def forward(self, batch: dict) -> MethodOutput:
         query = self.embed(self.encoder, self.head, batch["images"])                         # (B, E)

@@ -207,13 +207,17 @@ class ViT(nn.Module):
             tokens = block(tokens)
         return self.norm(tokens)
 
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The output tokens of the patches, the CLS token left out: (B, [1+] N, D) -> (B, N, D)."""
+        return tokens[:, 1:] if self.cls_token is not None else tokens
+
     def features(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """(B, D) image features for evaluation: the CLS token, or the mean of the patch tokens."""
         tokens = self(images)
         if pool == "cls" and self.cls_token is not None:
             return tokens[:, 0]
         if pool in ("mean", "cls"):
-            return tokens[:, 1:].mean(1) if self.cls_token is not None else tokens.mean(1)
+            return self.patch_tokens(tokens).mean(1)
         raise MaskkitError(f"unknown pool {pool!r}; use 'cls' or 'mean'")
 
 

@@ -107,9 +107,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks, without gradient (for logging and agreeing on a decision)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / dist.get_world_size()
+    return all_reduce_sum(x) / dist.get_world_size()
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
