@@ -32,22 +32,50 @@ def double_backward_safe():
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (Vaswani et al. 2017, Sec 3.2)."""
+    """Multi-head attention with one fused qkv projection (Vaswani et al. 2017, Sec 3.2).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    Self-attention by default; with `context` the queries come from `x` and the keys and values from
+    `context` (XLNet's query stream attends to the content stream, Transformer-XL attends to memory
+    concatenated with the segment), with the same projection weights.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise MaskkitError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """(q, k, v), each (B, H, L, D/H): queries from `x` (B, Lq, D), keys and values from `context`
+        (B, Lk, D), which defaults to `x` (one fused matmul then)."""
         batch, length, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # each (B, H, L, D/H)
+        head_dim = dim // self.num_heads
+        if context is None:
+            qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, weight[:dim], None if bias is None else bias[:dim])
+        kv = F.linear(context, weight[dim:], None if bias is None else bias[dim:])
+        q = q.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        k, v = kv.reshape(batch, context.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               is_causal: bool = False) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v, heads merged and projected: (B, H, Lq, D/H) -> (B, Lq, D).
+
+        `attn_mask`: boolean (True = may attend) or additive float, broadcastable to (B, H, Lq, Lk).
+        """
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        batch, heads, length, head_dim = out.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.heads(x, context)
+        return self.attend(q, k, v, attn_mask, is_causal)
 
 
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -279,15 +307,34 @@ class TextTransformer(nn.Module):
             allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
         return allowed
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D).
+
+        `positions` (B, L) or (L,): each token's position id (default 0 .. L-1); PMLM gives its appended
+        pseudo-masked tokens the position of the token they stand for, so L may exceed the context
+        length while every position stays inside it. `attn_mask` (B, L, L) or (B, 1, L, L) boolean,
+        True = query may attend key, replaces the padding and causal masks (PMLM, UniLM seq2seq).
+        """
         batch, length = ids.shape
-        if length > self.cfg.context_length:
-            raise MaskkitError(f"token ids of shape {tuple(ids.shape)} are longer than the context length "
-                               f"{self.cfg.context_length} (model.text.context_length)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(ids)
-        x = self.token_embedding(ids) + self.position_embedding[:, :length].to(self.token_embedding.weight.dtype)
-        mask = self.attention_mask(attention_mask)
+        if positions is None:
+            if length > self.cfg.context_length:
+                raise MaskkitError(f"token ids of shape {tuple(ids.shape)} are longer than the context length "
+                                   f"{self.cfg.context_length} (model.text.context_length)")
+            position_table = self.position_embedding[:, :length]
+        else:
+            if positions.shape[-1] != length:
+                raise MaskkitError(f"positions of shape {tuple(positions.shape)} do not match token ids of shape "
+                                   f"{tuple(ids.shape)}")
+            position_table = self.position_embedding[0, positions]        # (B, L, D) or (L, D)
+        x = self.token_embedding(ids) + position_table.to(self.token_embedding.weight.dtype)
+        if attn_mask is None:
+            mask = self.attention_mask(torch.ones_like(ids) if attention_mask is None else attention_mask)
+        else:
+            if attn_mask.shape[-2:] != (length, length) or attn_mask.ndim not in (3, 4):
+                raise MaskkitError(f"attn_mask of shape {tuple(attn_mask.shape)} does not match ids of shape "
+                                   f"{tuple(ids.shape)}; expected (B, {length}, {length}) or (B, 1, {length}, {length})")
+            mask = attn_mask if attn_mask.ndim == 4 else attn_mask.unsqueeze(1)
         for block in self.blocks:
             x = block(x, attn_mask=mask)
         return self.norm(x)

@@ -56,3 +56,24 @@ def test_pooling(pool):
 def test_too_long_input_names_the_context_length():
     with pytest.raises(MaskkitError, match="model.text.context_length"):
         tiny()(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_explicit_positions_and_attention_mask_reproduce_the_default_forward():
+    torch.manual_seed(0)
+    model = TextTransformer(TextConfig(vocab_size=50, context_length=8, dim=16, depth=2, num_heads=2)).eval()
+    ids = torch.randint(5, 50, (2, 6))
+    plain = model(ids)
+    allowed = torch.ones(2, 6, 6, dtype=torch.bool)
+    torch.testing.assert_close(model(ids, positions=torch.arange(6), attn_mask=allowed), plain)
+    # A token repeated with its original's position id, visible to nobody, leaves the others unchanged and
+    # gets the original's output when it sees exactly what the original sees (PMLM's appended copies).
+    longer = torch.cat([ids, ids[:, 2:3]], 1)
+    positions = torch.cat([torch.arange(6), torch.tensor([2])])
+    mask = torch.zeros(2, 7, 7, dtype=torch.bool)
+    mask[:, :6, :6] = True
+    mask[:, 6, :6] = True
+    out = model(longer, positions=positions.expand(2, -1), attn_mask=mask)
+    torch.testing.assert_close(out[:, :6], plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 6], plain[:, 2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(MaskkitError, match="attn_mask of shape"):
+        model(ids, attn_mask=torch.ones(2, 5, 5, dtype=torch.bool))

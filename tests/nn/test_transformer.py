@@ -4,7 +4,7 @@ import torch
 from maskkit.errors import MaskkitError
 from maskkit.nn.masking import gather_tokens
 from maskkit.nn.pos_embed import sincos_2d
-from maskkit.nn.transformer import ViT, ViTConfig, double_backward_safe
+from maskkit.nn.transformer import Attention, ViT, ViTConfig, double_backward_safe
 
 
 def tiny_vit(**kw) -> ViT:
@@ -76,3 +76,16 @@ def test_second_order_gradients_through_the_vit(one_thread):
         small.blocks = small.blocks[:1]
         x = torch.randn(1, 3, 16, 16, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradgradcheck(lambda t: small(t).sum(-1), (x,), eps=1e-6, atol=1e-4)
+
+
+def test_attention_with_context_matches_self_attention_and_reads_keys_from_the_context():
+    torch.manual_seed(0)
+    attention = Attention(16, 4)
+    x, other = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    torch.testing.assert_close(attention(x, context=x), attention(x), rtol=1e-6, atol=1e-6)
+    # Queries from x, keys and values from `other`: one output row per query, and it changes with the context.
+    out = attention(x, context=other)
+    assert out.shape == (2, 5, 16)
+    q, k, v = attention.heads(x, other)
+    assert q.shape == (2, 4, 5, 4) and k.shape == v.shape == (2, 4, 7, 4)
+    assert not torch.allclose(out, attention(x, context=other.flip(1) * 2))
