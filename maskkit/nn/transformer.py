@@ -351,3 +351,24 @@ class TextTransformer(nn.Module):
 
     def features(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.pool(self(ids, attention_mask), attention_mask)
+
+
+class LMHead(nn.Module):
+    """BERT's masked-LM head (Devlin et al. 2019, App. A; HF `BertLMPredictionHead`): dense, GELU, LayerNorm,
+    then the vocabulary projection tied to the input embedding, plus a bias.
+
+    Called on the gathered positions that have a target only, (N, D) -> (N, V): projecting every
+    position onto the vocabulary costs L/N times more for logits nobody reads.
+    """
+
+    def __init__(self, embedding: nn.Embedding, norm_eps: float = 1e-6):
+        super().__init__()
+        dim = embedding.weight.shape[1]
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.bias = nn.Parameter(torch.zeros(embedding.weight.shape[0]))
+        self.embedding = embedding          # tied: the same Parameter, not a copy
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(hidden, self.embedding.weight, self.bias)
