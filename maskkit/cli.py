@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=10 data.name=folder")
     evaluate.add_argument("--device", default="cpu")
 
+    tokenizer = sub.add_parser("tokenizer", help="maskkit tokenizer train: learn a WordPiece vocabulary on a corpus")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    learn = tokenizer_sub.add_parser("train", help="maskkit tokenizer train --vocab-size 4096 --out tok.json "
+                                                   "[data.name=txt data.path=corpus.txt ...]")
+    learn.add_argument("--vocab-size", type=int, default=4096)
+    learn.add_argument("--out", required=True, help="the tokenizer.json to write (use it as data.tokenizer=PATH)")
+    learn.add_argument("overrides", nargs="*", help="text data keys: data.name=wiki|txt|jsonl|hf data.path=... "
+                                                    "data.text_field=...")
+
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
     copy.add_argument("recipe")
@@ -120,6 +129,19 @@ def run(args) -> int:
             raise MaskkitError(f"{target} already exists; choose another path")
         shutil.copyfile(source, target)
         print(f"copied {source.name} to {target}")
+        return 0
+    if args.command == "tokenizer":
+        from maskkit.data.text import TextDataConfig, check_text_data, train_tokenizer
+
+        values = configs.apply_overrides({}, args.overrides)
+        unknown = [key for key in values if key != "data"]
+        if unknown:
+            raise MaskkitError(f"maskkit tokenizer train takes data.* keys only, got {unknown[0]}")
+        data = configs.build_dataclass(TextDataConfig, {"kind": "text", **values.get("data", {})}, "command line",
+                                       prefix="data.")
+        check_text_data(data, "command line")
+        out = train_tokenizer(data, args.vocab_size, args.out)
+        print(f"wrote a {args.vocab_size}-entry WordPiece vocabulary learnt on the {data.name} training split to {out}")
         return 0
     if args.command == "validate":
         cfg = configs.load_config(args.config, args.overrides)

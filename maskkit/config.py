@@ -17,6 +17,7 @@ import yaml
 
 from maskkit.data.images import DATA_SETS, DataConfig
 from maskkit.data.pairs import PairDataConfig, check_pair_data
+from maskkit.data.text import TextDataConfig, check_text_data
 from maskkit.errors import MaskkitError, require, require_float, require_int
 
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
@@ -73,13 +74,13 @@ class Config:
     name: str = "run"
     method: str = "mae"
     model: Any = None                # the method's config dataclass, chosen by `method`
-    data: Any = field(default_factory=DataConfig)   # DataConfig (kind: image) or PairDataConfig (kind: pairs)
+    data: Any = field(default_factory=DataConfig)   # DataConfig (kind: image), PairDataConfig (pairs), TextDataConfig (text)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-DATA_KINDS = {"image": DataConfig, "pairs": PairDataConfig}
+DATA_KINDS = {"image": DataConfig, "pairs": PairDataConfig, "text": TextDataConfig}
 
 
 def _type_name(tp) -> str:
@@ -218,6 +219,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     check_crop_scale(source, "eval.finetune_crop_scale", e.finetune_crop_scale)
     if cfg.data.kind == "pairs":
         check_pair_data(cfg.data, source)
+    elif cfg.data.kind == "text":
+        check_text_data(cfg.data, source)
     else:
         check_data(cfg.data, source)
     cfg.model.check(cfg.data, source)

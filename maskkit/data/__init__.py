@@ -34,8 +34,15 @@ class Data:
 
 
 def build_data(cfg, split: str = "train") -> Data:
-    """cfg: a DataConfig (kind image) or PairDataConfig (kind pairs); split: "train", "test" (held out) or "all"."""
+    """cfg: a DataConfig (kind image), PairDataConfig (pairs) or TextDataConfig (text); split: "train", "test"
+    (held out) or "all" ("val" too for text)."""
     from maskkit.data.augment import ImageAugment
+
+    if cfg.kind == "text":
+        from maskkit.data.text import build_text_dataset, collate_blocks, prepare_text
+
+        dataset, tokenizer, _ = build_text_dataset(cfg, split)
+        return Data(dataset, collate_blocks, prepare_text, tokenizer=tokenizer)
 
     augment = ImageAugment(cfg)
     if cfg.kind == "pairs":

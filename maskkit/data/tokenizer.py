@@ -98,8 +98,18 @@ class Tokenizer:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
-    def decode(self, ids: torch.Tensor) -> str:
-        return self.backend.decode(ids.tolist())
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids (special tokens left out)."""
+        return self.backend.decode(ids.tolist() if torch.is_tensor(ids) else list(ids))
+
+    def encode_plain(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, no [CLS]/[SEP], no truncation, no padding (for packing into blocks)."""
+        if not hasattr(self, "_plain"):
+            plain = _tokenizers().Tokenizer.from_str(self.backend.to_str())
+            plain.no_truncation()
+            plain.no_padding()
+            self._plain = plain
+        return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
 
     @classmethod
     def from_file(cls, path: str | Path, context_length: int) -> "Tokenizer":
@@ -141,6 +151,41 @@ class Tokenizer:
         backend.decoder = tokenizers.decoders.WordPiece()
         backend.add_special_tokens(SPECIAL_TOKENS)          # already in the vocabulary: same ids, never split
         return cls(backend, context_length)
+
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "vocab"
+BUNDLED = {"wiki": "wiki-wordpiece-4k.json"}
+
+
+def train_wordpiece(texts: list[str], vocab_size: int, min_frequency: int = 2):
+    """A lower-cased BERT-style WordPiece `tokenizers.Tokenizer` learnt on `texts` (the library's trainer).
+
+    The trainer's ids are not reproducible from process to process, so the result is saved to a file
+    (`maskkit tokenizer train`) and runs name that file: every run and evaluation reads the same ids.
+    """
+    tokenizers = _tokenizers()
+    if vocab_size < 64:
+        raise MaskkitError(f"--vocab-size {vocab_size} is too small for a WordPiece vocabulary; use at least 64")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    backend.decoder = tokenizers.decoders.WordPiece()
+    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                   special_tokens=SPECIAL_TOKENS, show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    return backend
+
+
+def build_text_tokenizer(source: str, context_length: int) -> Tokenizer:
+    """data.tokenizer of a text corpus: a bundled vocabulary ("wiki"), "minilm", or a tokenizer.json path."""
+    if source in BUNDLED:
+        return Tokenizer.from_file(BUNDLED_DIR / BUNDLED[source], context_length)
+    if source == "minilm":
+        return Tokenizer.from_file(minilm_tokenizer_file(), context_length)
+    if source == "captions":
+        raise MaskkitError("data.tokenizer=captions is for image-text pairs; for text use wiki, minilm, or a "
+                           "tokenizer.json made by `maskkit tokenizer train`")
+    return Tokenizer.from_file(source, context_length)
 
 
 def build_tokenizer(source: str, context_length: int, vocab_size: int, captions: list[str]) -> Tokenizer:
