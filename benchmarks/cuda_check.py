@@ -51,7 +51,7 @@ def check_training(out: Path, precision: str, steps: int) -> dict:
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / f"train_{precision}" / "metrics.jsonl").read_text().splitlines()]
     return {"final_loss": result.final_loss, "first_loss": rows[0]["loss"], "seconds": round(seconds, 1),
-            "images_per_s_last": round(rows[-1]["images_per_s"], 1)}
+            "samples_per_s_last": round(rows[-1]["samples_per_s"], 1)}
 
 
 def check_resume(out: Path, precision: str) -> dict:

@@ -182,7 +182,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     end_step = min(tcfg.steps, stop_at_step) if stop_at_step is not None else tcfg.steps
     progress = Progress(f"{cfg.method} {cfg.name}", start_step, tcfg.steps, enabled=progress and info.is_main)
     unreadable: set[str] = set()
-    images_seen, tic = 0, time.perf_counter()
+    samples_seen, tic = 0, time.perf_counter()
     method.train()
     step = start_step
     last_batch = None   # this rank's last readable micro-batch (raw): the figures, and a stand-in (see below)
@@ -227,7 +227,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 step_loss += loss.detach()
                 if weight > 0:
                     logs = out.logs
-            images_seen += int(total)
+            samples_seen += int(total)
             done = step + 1
             if not running:
                 if info.is_main:
@@ -249,7 +249,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 if info.is_main and (done % tcfg.log_every == 0 or done == end_step):
                     elapsed = time.perf_counter() - tic
                     row = {"step": done, "epoch": round(sampler.epoch_of(done), 4), "loss": loss_value, "lr": lr,
-                           "images_per_s": images_seen / max(elapsed, 1e-9)}
+                           "samples_per_s": samples_seen / max(elapsed, 1e-9)}
                     row.update({k: float(v) for k, v in logs.items() if k != "loss"})
                     if cfg.optim.clip_grad > 0:
                         row["grad_norm"] = float(grad_norm)
@@ -261,7 +261,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                         for key, value in row.items():
                             writer.add_scalar(f"train/{key}", value, done)
                     progress.report(row)
-                    images_seen, tic = 0, time.perf_counter()
+                    samples_seen, tic = 0, time.perf_counter()
             progress.update(done)
             if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step):
                 checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict, tcfg.keep_checkpoints,
@@ -311,7 +311,7 @@ class Progress:
     def report(self, row: dict) -> None:
         self.row = row
         if self.terminal:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", per_s=f"{row['samples_per_s']:.0f}")
 
     def update(self, done: int) -> None:
         if self.terminal:
@@ -320,8 +320,8 @@ class Progress:
             done == self.total or time.perf_counter() - self.last_line >= 15
         ):
             row = self.row
-            log.info("%s: step %d/%d  loss %.4f  lr %.2e  %.0f img/s", self.description, row["step"], self.total,
-                     row["loss"], row["lr"], row["images_per_s"])
+            log.info("%s: step %d/%d  loss %.4f  lr %.2e  %.0f samples/s", self.description, row["step"], self.total,
+                     row["loss"], row["lr"], row["samples_per_s"])
             self.last_line, self.row = time.perf_counter(), None
 
     def close(self) -> None:
