@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
-    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval"],
+    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
+                                                     "seq2seq"],
                           default="knn")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=10 data.name=folder")
     evaluate.add_argument("--device", default="cpu")
@@ -57,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.add_argument("overrides", nargs="*")
 
-    demo = sub.add_parser("demo", help="maskkit demo [mae|flip]: pretrain on bundled data, evaluate against random init")
-    demo.add_argument("--out", help="run directory (default runs/demo, runs/demo-flip)")
-    demo.add_argument("overrides", nargs="*", help="mae (default) or flip, then dotted overrides for its tiny recipe")
+    demo = sub.add_parser("demo", help="maskkit demo [mae|flip|text]: pretrain on bundled data, evaluate against random init")
+    demo.add_argument("--out", help="run directory (default runs/demo, runs/demo-flip, runs/demo-text)")
+    demo.add_argument("overrides", nargs="*", help="mae (default), flip or text, then dotted overrides for its tiny recipe(s)")
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -99,9 +100,12 @@ def format_eval(result: dict) -> str:
     pretrained, random_init = result["pretrained"], result["random_init"]
     headline = {"zero-shot": "accuracy on held-out pairs" if result["dataset"] == "shapes" else "accuracy",
                 "retrieval": "mean R@1 (image->text, text->image)",
-                "dense-probe": "mIoU of a per-token linear probe"}.get(result["protocol"], "accuracy")
+                "dense-probe": "mIoU of a per-token linear probe",
+                "seq2seq": f"ROUGE-L F1 of generated targets (beam {result.get('beam_size', 1)})",
+                "text-classify": "test accuracy after fine-tuning"}.get(result["protocol"], "accuracy")
+    unit = "documents" if result["protocol"] in ("text-classify", "seq2seq") else "images"
     lines = [
-        f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test images)"
+        f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test {unit})"
         f" -- {headline}",
         f"  {'pretrained':<12} {pretrained:.3f}",
         f"  {'random init':<12} {random_init:.3f}",
@@ -110,6 +114,13 @@ def format_eval(result: dict) -> str:
     if "pretrained_seen_pairs" in result:
         lines.append(f"  seen pairs: pretrained {result['pretrained_seen_pairs']:.3f}, random init "
                      f"{result['random_init_seen_pairs']:.3f} (chance {result['chance']:.3f})")
+    if "pretrained_exact_match" in result:
+        lines.append(f"  exact match: pretrained {result['pretrained_exact_match']:.3f}, random init "
+                     f"{result['random_init_exact_match']:.3f}")
+        for source, reference, prediction in result["pretrained_examples"][:3]:
+            lines.append(f"  {str(source)[:60]!r}... -> {prediction!r} (reference {reference!r})")
+    if "majority" in result:
+        lines.append(f"  majority class: {result['majority']:.3f}")
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
     lines.append(f"checkpoint {result['checkpoint']}; recorded in {result['eval_json']}")
@@ -167,13 +178,15 @@ def run(args) -> int:
         print(format_eval(result))
         return 0
     if args.command == "demo":
-        from maskkit.demo import demo, demo_flip
+        from maskkit.demo import demo, demo_flip, demo_text
 
         overrides = list(args.overrides)
         which = overrides.pop(0) if overrides and "=" not in overrides[0] else "mae"
-        if which not in ("mae", "flip"):
-            raise MaskkitError(f"maskkit demo {which}: choose mae (the default) or flip")
-        if which == "flip":
+        if which not in ("mae", "flip", "text"):
+            raise MaskkitError(f"maskkit demo {which}: choose mae (the default), flip or text")
+        if which == "text":
+            demo_text(Path(args.out or "runs/demo-text"), overrides, progress=not args.no_progress)
+        elif which == "flip":
             demo_flip(Path(args.out or "runs/demo-flip"), overrides, progress=not args.no_progress)
         else:
             demo(Path(args.out or "runs/demo"), overrides, progress=not args.no_progress)

@@ -67,6 +67,17 @@ class EvalConfig:
     finetune_crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
     finetune_hflip: bool = False
     batch_size: int = 256            # feature extraction
+    # Text protocols: text-classify fine-tunes on the corpus's labels (wiki: 11 topics), seq2seq generates the
+    # target field (wiki: the short description) from the document, UniLM-style.
+    text_max_length: int = 64        # tokens of a document the classifier reads ([CLS] and [SEP] included)
+    text_epochs: int = 3
+    text_lr: float = 3e-4
+    text_batch_size: int = 32
+    seq2seq_source_length: int = 64  # tokens of the document the decoder is conditioned on
+    seq2seq_target_length: int = 16  # longest generated target
+    seq2seq_epochs: int = 4
+    seq2seq_test_documents: int = 300   # test documents decoded (generation is the slow part; 0 = all)
+    beam_size: int = 1               # 1 = greedy decoding
 
 
 @dataclass
@@ -217,6 +228,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         require_float(source, f"eval.{key}", getattr(e, key), 0.0, low_open=True)
 
     check_crop_scale(source, "eval.finetune_crop_scale", e.finetune_crop_scale)
+    for key in ("text_epochs", "text_batch_size", "seq2seq_epochs", "beam_size"):
+        require_int(source, f"eval.{key}", getattr(e, key), 1, 10_000)
+    require_int(source, "eval.text_max_length", e.text_max_length, 3, 65536)
+    require_int(source, "eval.seq2seq_source_length", e.seq2seq_source_length, 1, 65536)
+    require_int(source, "eval.seq2seq_target_length", e.seq2seq_target_length, 1, 65536)
+    require_int(source, "eval.seq2seq_test_documents", e.seq2seq_test_documents, 0)
+    require_float(source, "eval.text_lr", e.text_lr, 0.0, 1.0, low_open=True)
     if cfg.data.kind == "pairs":
         check_pair_data(cfg.data, source)
     elif cfg.data.kind == "text":

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from maskkit.config import load_config
+from maskkit.errors import MaskkitError
 from maskkit.eval.run import evaluate_backbones, load_backbone
 from maskkit.files import atomic_write_text, pyplot
 from maskkit.train.loop import train
@@ -127,6 +128,98 @@ def plot_flip(summary: dict, rows, path: Path) -> None:
     ax.axhline(summary["chance"], color="grey", linestyle=":", linewidth=1, label="zero-shot chance")
     ax.set_xticks(range(len(rows)), [title for title, _ in rows], fontsize=8)
     ax.set_ylim(0, 1.1)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TEXT_OBJECTIVES = ("mlm", "xlnet", "pmlm")
+TEXT_NAMES = {"mlm": "MLM (BERT)", "xlnet": "XLNet", "pmlm": "PMLM (UniLMv2)"}
+
+
+def demo_text(out_dir: Path, overrides: list[str] = (), progress: bool = True) -> dict:
+    """Pretrain MLM, XLNet and PMLM (recipes `<objective>/tiny`, the same steps, batch and corpus) on the wiki
+    summaries, then fine-tune each, and randomly initialised models of both architectures, on the 11 topics.
+
+    `overrides` (train.*, data.*, eval.* keys) apply to all three recipes. Each run resumes if interrupted.
+    """
+    import torch
+
+    from maskkit.eval.run import method_from_checkpoint, text_examples
+    from maskkit.eval.text import finetune_text_classifier
+    from maskkit.methods import build_method
+    from maskkit.train.checkpoint import find_checkpoint
+
+    for override in overrides:
+        if override.strip().startswith("model."):
+            raise MaskkitError(f"maskkit demo text: {override!r} - the three objectives have different model "
+                               "sections; override train.*, data.* or eval.* keys, or train one recipe directly")
+    summary: dict = {"objectives": {}}
+    backbones, configs = {}, {}
+    for objective in TEXT_OBJECTIVES:
+        cfg = load_config(f"{objective}/tiny", overrides)
+        run_dir = out_dir / objective
+        resume = (run_dir / "checkpoints" / "latest").exists()
+        log.info("pretraining %s on %s for %d steps into %s%s", TEXT_NAMES[objective], cfg.data.name,
+                 cfg.train.steps, run_dir, " (resuming)" if resume else "")
+        start = time.perf_counter()
+        result = train(cfg, run_dir, resume=resume, progress=progress)
+        method, run_cfg = method_from_checkpoint(find_checkpoint(run_dir))
+        backbones[objective], configs[objective] = method.backbone, run_cfg
+        summary["objectives"][objective] = {"steps": result.final_step, "final_loss": result.final_loss,
+                                            "train_seconds": round(time.perf_counter() - start, 1)}
+    e = configs["mlm"].eval
+    train_set, names = text_examples(configs["mlm"], "train", e.text_max_length)
+    test_set, _ = text_examples(configs["mlm"], "test", e.text_max_length)
+    seed = configs["mlm"].train.seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_bert = build_method(configs["mlm"]).backbone
+        torch.manual_seed(seed)
+        random_xlnet = build_method(configs["xlnet"]).backbone
+    models = {**{TEXT_NAMES[o]: backbones[o] for o in TEXT_OBJECTIVES}, "random init (BERT-style)": random_bert,
+              "random init (XLNet)": random_xlnet}
+    log.info("fine-tuning each on the %d wiki topics (%d train / %d test documents)", len(names), len(train_set),
+             len(test_set))
+    summary["text_classify"] = {}
+    for name, model in models.items():
+        scores = finetune_text_classifier(model, train_set, test_set, num_classes=len(names), epochs=e.text_epochs,
+                                          lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device="cpu",
+                                          progress=progress)
+        summary["text_classify"][name] = scores["accuracy"]
+    summary.update(num_train=len(train_set), num_test=len(test_set),
+                   majority=float(torch.bincount(test_set.labels).max()) / len(test_set))
+    atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=1) + "\n")
+    plot_text(summary, out_dir / "text_classify.png")
+    print(format_text_table(summary, out_dir))
+    return summary
+
+
+def format_text_table(summary: dict, out_dir: Path) -> str:
+    lines = ["", f"wiki topic classification after fine-tuning ({summary['num_train']} train / {summary['num_test']} "
+             f"test documents, majority class {summary['majority']:.3f}):",
+             f"  {'model':<26} {'pretraining':>22} {'accuracy':>9}"]
+    by_name = {TEXT_NAMES[o]: o for o in TEXT_OBJECTIVES}
+    for name, accuracy in summary["text_classify"].items():
+        run = summary["objectives"].get(by_name.get(name, ""), None)
+        pretraining = f"{run['steps']} steps, {run['train_seconds']:.0f} s" if run else "none"
+        lines.append(f"  {name:<26} {pretraining:>22} {accuracy:>9.3f}")
+    lines.append(f"runs: {out_dir}/<objective>; numbers: {out_dir}/demo.json; figure: {out_dir}/text_classify.png")
+    return "\n".join(lines)
+
+
+def plot_text(summary: dict, path: Path) -> None:
+    plt = pyplot()
+    names = list(summary["text_classify"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    bars = ax.bar(range(len(names)), [summary["text_classify"][n] for n in names],
+                  color=["C0", "C1", "C2", "grey", "silver"][: len(names)])
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.axhline(summary["majority"], color="grey", linestyle=":", linewidth=1, label="majority class")
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylabel("wiki topic test accuracy")
+    ax.set_ylim(0, 1.0)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

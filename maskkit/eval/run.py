@@ -28,8 +28,9 @@ from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 
-PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval")
+PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "seq2seq")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
+TEXT_PROTOCOLS = ("text-classify", "seq2seq")
 
 
 def find_weights(path: str | Path) -> Path:
@@ -256,6 +257,83 @@ def dense_probe_both(backbone: ViT, cfg: Config, device, seed: int = 0) -> dict:
     return result
 
 
+def text_examples(cfg: Config, split: str, max_length: int):
+    """(TextExamples of the split's labelled documents, class names) for text-classify."""
+    from maskkit.data.text import read_corpus, split_documents
+    from maskkit.data.tokenizer import build_text_tokenizer
+    from maskkit.eval.text import TextExamples
+
+    corpus = read_corpus(cfg.data)
+    documents = [d for d in split_documents(corpus.documents, cfg.data.split, cfg.data.split_seed, split)
+                 if d.label >= 0]
+    if not documents:
+        raise MaskkitError(f"text-classify: the {split} split of {cfg.data.name} has no labelled document"
+                           + ("" if cfg.data.name == "wiki" else "; name the label with data.label_field"))
+    ids, mask = build_text_tokenizer(cfg.data.tokenizer, max_length).encode([d.text for d in documents])
+    return TextExamples(ids, mask, torch.tensor([d.label for d in documents])), corpus.label_names
+
+
+def seq2seq_examples(cfg: Config, split: str, limit: int = 0):
+    """(Seq2SeqExamples of the split's documents that have a target, the tokenizer) for seq2seq."""
+    from maskkit.data.text import read_corpus, split_documents
+    from maskkit.data.tokenizer import build_text_tokenizer
+    from maskkit.eval.text import Seq2SeqExamples
+
+    e = cfg.eval
+    documents = [d for d in split_documents(read_corpus(cfg.data).documents, cfg.data.split, cfg.data.split_seed,
+                                            split) if d.target]
+    if not documents:
+        raise MaskkitError(f"seq2seq: the {split} split of {cfg.data.name} has no document with a target"
+                           + ("" if cfg.data.name == "wiki" else "; name it with data.target_field"))
+    documents = documents[:limit] if limit else documents
+    tokenizer = build_text_tokenizer(cfg.data.tokenizer, e.seq2seq_source_length)
+    sources = [ids[: e.seq2seq_source_length] for ids in tokenizer.encode_plain([d.text for d in documents])]
+    targets = tokenizer.encode_plain([d.target for d in documents])
+    return Seq2SeqExamples(sources, targets), tokenizer
+
+
+def evaluate_text(backbone, cfg: Config, protocol: str, device="cpu", seed: int = 0, progress: bool = True,
+                  random_init=None) -> dict:
+    """text-classify or seq2seq for `backbone` and for the same architecture with random weights.
+
+    `random_init` is built from the run's config (seed `seed`) unless given.
+    """
+    from maskkit.eval.text import finetune_seq2seq, finetune_text_classifier
+
+    if getattr(cfg.data, "kind", "image") != "text":
+        raise MaskkitError(f"{protocol} evaluates text models; this run trained on data.kind={cfg.data.kind}")
+    device = _device(device)
+    if random_init is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random_init = build_method(cfg).backbone
+    e = cfg.eval
+    models = {"pretrained": backbone, "random_init": random_init}
+    result = {"protocol": protocol, "dataset": cfg.data.name}
+    if protocol == "text-classify":
+        train, names = text_examples(cfg, "train", e.text_max_length)
+        test, _ = text_examples(cfg, "test", e.text_max_length)
+        result.update(num_train=len(train), num_test=len(test), classes=names,
+                      majority=float(torch.bincount(test.labels).max()) / len(test))
+        for name, model in models.items():
+            scores = finetune_text_classifier(model, train, test, num_classes=len(names), epochs=e.text_epochs,
+                                              lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device=device,
+                                              progress=progress)
+            result[name], result[f"{name}_curve"] = scores["accuracy"], scores["curve"]
+        return result
+    train, tokenizer = seq2seq_examples(cfg, "train")
+    test, _ = seq2seq_examples(cfg, "test", e.seq2seq_test_documents)
+    result.update(num_train=len(train), num_test=len(test), beam_size=e.beam_size)
+    for name, model in models.items():
+        scores = finetune_seq2seq(model, train, test, special=tokenizer.special_ids(), epochs=e.seq2seq_epochs,
+                                  lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device=device,
+                                  max_target_length=e.seq2seq_target_length, beam_size=e.beam_size,
+                                  decode=tokenizer.decode, progress=progress)
+        result[name], result[f"{name}_exact_match"] = scores["rouge_l"], scores["exact_match"]
+        result[f"{name}_examples"] = [list(example) for example in scores["examples"][:5]]
+    return result
+
+
 def _eval_json_path(source: Path) -> Path:
     """RUN/eval.json for a checkpoint under RUN/checkpoints/, else next to the file or in the checkpoint."""
     if source.is_file():
@@ -284,6 +362,10 @@ def evaluate(
     source = find_weights(path)
     if protocol in TWO_TOWER_PROTOCOLS:
         method, cfg = load_method(source)
+    elif protocol in TEXT_PROTOCOLS:
+        if not source.is_dir():
+            raise MaskkitError(f"{source}: {protocol} needs a run or checkpoint directory, not an exported file")
+        method, cfg = method_from_checkpoint(source)
     else:
         backbone, cfg = load_backbone(source)
     if overrides:
@@ -292,6 +374,8 @@ def evaluate(
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
     if protocol in TWO_TOWER_PROTOCOLS:
         result = evaluate_two_towers(method, cfg, protocol, device, seed)
+    elif protocol in TEXT_PROTOCOLS:
+        result = evaluate_text(method.backbone, cfg, protocol, device, seed, progress)
     else:
         result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
     result["checkpoint"] = str(source)
