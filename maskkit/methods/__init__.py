@@ -6,6 +6,7 @@ from maskkit.methods.energy import Energy, EnergyConfig
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.methods.mae import MAE, MAEConfig
 from maskkit.methods.moco import MoCo, MoCoConfig
+from maskkit.methods.xlnet import XLNet, XLNetConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
     "mae": (MAE, MAEConfig),
@@ -13,8 +14,8 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "energy": (Energy, EnergyConfig),
     "moco": (MoCo, MoCoConfig),
     "densecl": (DenseCL, DenseCLConfig),
+    "xlnet": (XLNet, XLNetConfig),
 }
-
 
 
 def build_method(cfg) -> Method:
@@ -24,4 +25,4 @@ def build_method(cfg) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "MoCo", "MoCoConfig", "DenseCL", "DenseCLConfig",
-           "build_method"]
+           "XLNet", "XLNetConfig", "build_method"]
