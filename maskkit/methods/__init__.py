@@ -5,7 +5,9 @@ from maskkit.methods.densecl import DenseCL, DenseCLConfig
 from maskkit.methods.energy import Energy, EnergyConfig
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.methods.mae import MAE, MAEConfig
+from maskkit.methods.mlm import MLM, MLMConfig
 from maskkit.methods.moco import MoCo, MoCoConfig
+from maskkit.methods.pmlm import PMLM, PMLMConfig
 from maskkit.methods.xlnet import XLNet, XLNetConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
@@ -14,7 +16,9 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "energy": (Energy, EnergyConfig),
     "moco": (MoCo, MoCoConfig),
     "densecl": (DenseCL, DenseCLConfig),
+    "mlm": (MLM, MLMConfig),
     "xlnet": (XLNet, XLNetConfig),
+    "pmlm": (PMLM, PMLMConfig),
 }
 
 
@@ -25,4 +29,4 @@ def build_method(cfg) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "MoCo", "MoCoConfig", "DenseCL", "DenseCLConfig",
-           "XLNet", "XLNetConfig", "build_method"]
+           "MLM", "MLMConfig", "XLNet", "XLNetConfig", "PMLM", "PMLMConfig", "build_method"]
