@@ -86,15 +86,24 @@ def masked_lm_inputs(ids: torch.Tensor, attention_mask: torch.Tensor, keys: torc
     return bert_replacement(ids, chosen, noise[..., 1], noise[..., 2], special), chosen
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, accuracy) of (N, V) logits against (N,) targets, in fp32.
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sample: torch.Tensor, batch_size: int,
+                        anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy) of (N, V) logits against (N,) targets, in fp32; `sample` (N,) says whose each row is.
 
-    With N = 0 (a batch with nothing to predict) the loss is 0 attached to `anchor`'s graph, not the
-    NaN of an empty mean, so the step and DDP's gradient reduction still run.
+    The loss is the mean over the batch's samples of each sample's mean cross-entropy (a sample with
+    nothing to predict counts 0), not the mean over all N tokens: the training loop weights micro-batches
+    and ranks by their samples, so only a per-sample mean makes the loss of a global batch the same on
+    1 or 8 ranks and with any accumulation. The masking draws a fixed fraction of each sample's tokens,
+    so the two means differ only by the spread of those counts.
+    With N = 0 the loss is 0 attached to `anchor`'s graph, not the NaN of an empty mean, so the step and
+    DDP's gradient reduction still run.
     """
     if len(targets) == 0:
         return anchor.sum() * 0.0, torch.zeros((), device=anchor.device)
-    loss = F.cross_entropy(logits.float(), targets)
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")               # (N,)
+    sums = per_token.new_zeros(batch_size).index_add(0, sample, per_token)              # (B,)
+    counts = torch.bincount(sample, minlength=batch_size).clamp_min(1)
+    loss = (sums / counts).sum() / batch_size
     accuracy = (logits.argmax(-1) == targets).float().mean().detach()
     return loss, accuracy
 
@@ -146,6 +155,7 @@ class MLM(Method):
         inputs, chosen = masked_lm_inputs(ids, attention_mask, batch["seed"], special, self.cfg.mask_ratio)
         hidden = self.encoder(inputs, attention_mask)                                     # (B, L, D)
         logits = self.head(hidden[chosen])                                                # (N, V), N chosen
-        loss, accuracy = token_cross_entropy(logits, ids[chosen], hidden)
+        sample = chosen.nonzero()[:, 0]                                                   # (N,) row-major, as hidden[chosen]
+        loss, accuracy = token_cross_entropy(logits, ids[chosen], sample, len(ids), hidden)
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": accuracy},
                             extras={"chosen": chosen, "logits": logits.detach()})

@@ -42,6 +42,7 @@ from torch import nn
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
+from maskkit.methods.mlm import token_cross_entropy
 from maskkit.nn.transformer import MLP, Attention, check_mlp_ratio
 from maskkit.rng import Stream, uniform
 
@@ -489,7 +490,8 @@ class XLNet(Method):
 
     def predict_chunk(self, ids: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor, chunk: int,
                       mems: list[torch.Tensor] | None):
-        """One chunk of a block: (logits (N, V) of its N predicted tokens, their ids (N,), new mems)."""
+        """One chunk of a block: (logits (N, V) of its N predicted tokens, their ids (N,), the sample of each (N,),
+        new mems)."""
         if self.special is None:
             raise MaskkitError("XLNet needs the tokenizer's special ids: call method.check_data(data) or use_tokens()")
         length = ids.shape[1]
@@ -503,7 +505,8 @@ class XLNet(Method):
         _, query, new_mems = self.model.streams(ids, allowed, positions, query_allowed,
                                                 segment_ids(ids, self.special.sep), mems)   # query (B, M, D)
         logits = self.lm_logits(query[perm.target_valid])                             # (N, V)
-        return logits, ids.gather(1, positions)[perm.target_valid], new_mems
+        sample = perm.target_valid.nonzero()[:, 0]                                    # (N,) whose each row is
+        return logits, ids.gather(1, positions)[perm.target_valid], sample, new_mems
 
     def forward(self, batch: dict) -> MethodOutput:
         ids, keys = batch["ids"], batch["seed"]
@@ -514,21 +517,19 @@ class XLNet(Method):
             raise MaskkitError(f"ids of shape {tuple(ids.shape)} cannot be cut into model.segments="
                                f"{self.cfg.segments} equal chunks")
         chunk_length = ids.shape[1] // self.cfg.segments
-        logits, labels, mems = [], [], None
+        logits, labels, samples, mems = [], [], [], None
         for chunk in range(self.cfg.segments):
             window = slice(chunk * chunk_length, (chunk + 1) * chunk_length)
-            chunk_logits, chunk_labels, mems = self.predict_chunk(ids[:, window], attention_mask[:, window], keys,
-                                                                  chunk, mems)
+            chunk_logits, chunk_labels, chunk_samples, mems = self.predict_chunk(
+                ids[:, window], attention_mask[:, window], keys, chunk, mems)
             logits.append(chunk_logits)
             labels.append(chunk_labels)
+            samples.append(chunk_samples)
         logits, labels = torch.cat(logits), torch.cat(labels)                       # (N, V), (N,)
-        if len(labels) == 0:
-            # Blocks of special tokens only: nothing to predict, a zero loss that still touches the graph.
-            loss = logits.sum() * 0.0
-            return MethodOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": loss.detach()})
-        loss = F.cross_entropy(logits.float(), labels)
-        accuracy = (logits.argmax(-1) == labels).float().mean()
-        return MethodOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": accuracy.detach()},
+        # The mean over samples of each sample's mean (blocks of special tokens only count 0): see
+        # `token_cross_entropy`, which makes the loss independent of how ranks and micro-batches split a batch.
+        loss, accuracy = token_cross_entropy(logits, labels, torch.cat(samples), len(ids), logits)
+        return MethodOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": accuracy},
                             extras={"num_predicted": torch.tensor(len(labels))})
 
 

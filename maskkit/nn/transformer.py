@@ -367,7 +367,9 @@ class LMHead(nn.Module):
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.bias = nn.Parameter(torch.zeros(embedding.weight.shape[0]))
-        self.embedding = embedding          # tied: the same Parameter, not a copy
+        # Tied: the encoder's embedding itself, kept out of this module's registry so that the state dict
+        # (and a checkpoint) holds the weight once, under the encoder.
+        self.__dict__["embedding"] = embedding
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(F.gelu(self.dense(hidden)))

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError
+from maskkit.methods.mlm import token_cross_entropy
 from maskkit.methods.xlnet import XLNet, XLNetConfig, XLNetModel, sample_permutation, segment_ids, target_mapping
 from maskkit.rng import sample_keys
 from tests.interop.random_weights import randomize_
@@ -233,17 +233,20 @@ def test_segments_carry_memory_without_gradient():
     # The same loss with the first chunk's memory recomputed without a graph: equal gradients mean none
     # flowed from the second chunk into the first through the memory.
     method.zero_grad()
-    first_logits, first_labels, mems = method.predict_chunk(ids[:, :12], attention_mask[:, :12], keys, 0, None)
+    first_logits, first_labels, first_samples, mems = method.predict_chunk(ids[:, :12], attention_mask[:, :12], keys,
+                                                                           0, None)
     assert all(not m.requires_grad for m in mems) and mems[0].shape == (3, 8, 32)
     with torch.no_grad():
-        _, _, constant_mems = method.predict_chunk(ids[:, :12], attention_mask[:, :12], keys, 0, None)
-    second_logits, second_labels, _ = method.predict_chunk(ids[:, 12:], attention_mask[:, 12:], keys, 1, constant_mems)
-    F.cross_entropy(torch.cat([first_logits, second_logits]), torch.cat([first_labels, second_labels])).backward()
+        _, _, _, constant_mems = method.predict_chunk(ids[:, :12], attention_mask[:, :12], keys, 0, None)
+    second_logits, second_labels, second_samples, _ = method.predict_chunk(ids[:, 12:], attention_mask[:, 12:], keys,
+                                                                           1, constant_mems)
+    token_cross_entropy(torch.cat([first_logits, second_logits]), torch.cat([first_labels, second_labels]),
+                        torch.cat([first_samples, second_samples]), 3, first_logits)[0].backward()
     for name, p in method.named_parameters():
         torch.testing.assert_close(p.grad, through_method[name], atol=1e-6, rtol=1e-5, msg=name)
 
     with torch.no_grad():                                                   # and the memory is used
-        without, _, _ = method.predict_chunk(ids[:, 12:], attention_mask[:, 12:], keys, 1, None)
+        without = method.predict_chunk(ids[:, 12:], attention_mask[:, 12:], keys, 1, None)[0]
     assert (without - second_logits.detach()).abs().max() > 1e-3
 
 

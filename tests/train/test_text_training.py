@@ -1,0 +1,84 @@
+"""Text recipes through the one loop: the loss falls, resume is bitwise across epoch boundaries, two ranks
+train what one does, and the text protocols evaluate the result."""
+
+import json
+
+import pytest
+
+from maskkit.cli import main
+from maskkit.config import load_config
+from maskkit.train.loop import train
+from tests.helpers import assert_bitwise_equal, assert_same_weights, resumed_and_straight, train_on_two_ranks
+
+# The bundled recipes, shrunk: 12 documents make ~60 blocks of 32 tokens, so batch 16 crosses an epoch
+# boundary every ~4 steps.
+SMALL = {
+    "mlm": ["model.text.dim=32", "model.text.depth=2", "model.text.num_heads=2", "model.text.context_length=32"],
+    "pmlm": ["model.text.dim=32", "model.text.depth=2", "model.text.num_heads=2", "model.text.context_length=32"],
+    "xlnet": ["model.dim=32", "model.depth=2", "model.num_heads=2", "model.context_length=32", "model.mem_len=16"],
+}
+DATA = ["data.block_length=32", "data.max_documents=12", "train.batch_size=16", "train.log_every=1",
+        "optim.warmup_steps=2"]
+
+
+def small_config(method: str, *overrides: str):
+    return load_config(f"{method}/tiny", [*SMALL[method], *DATA, *overrides])
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["mlm", "xlnet", "pmlm"])
+def test_resume_is_bitwise_across_epoch_boundaries(method, tmp_path):
+    cfg = small_config(method, "train.steps=10", "train.checkpoint_every=5")
+    num_blocks = 60
+    assert 10 * 16 > 2 * num_blocks // 1.2            # the run spans more than two epochs of ~60 blocks
+    straight, resumed = resumed_and_straight(cfg, tmp_path, stop_at=5)
+    assert_bitwise_equal(straight, resumed)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] > 2.0, rows[-1]["epoch"]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("method", ["mlm", "xlnet", "pmlm"])
+def test_short_pretraining_lowers_the_loss(method, tmp_path):
+    cfg = small_config(method, "train.steps=40", "train.checkpoint_every=40", "optim.base_lr=0.1")
+    train(cfg, tmp_path / "run", progress=False)
+    curve = losses(tmp_path / "run")
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    # From ~ln(4096) = 8.3 (uniform over the vocabulary) to well below: at least the token frequencies are learnt.
+    assert first > 7.0 and last < first - 1.5, (first, last)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_what_one_rank_trains(tmp_path):
+    cfg = small_config("xlnet", "train.steps=3", "train.checkpoint_every=3", "train.threads=1")
+    from maskkit.config import config_to_dict
+
+    train_on_two_ranks(config_to_dict(cfg), tmp_path / "two", tmp_path / "init")
+    train(cfg, tmp_path / "one", progress=False)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_text_protocols_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [*SMALL["mlm"], "data.block_length=32", "data.max_documents=150", "train.batch_size=16",
+                 "train.steps=3", "optim.warmup_steps=1"]
+    assert main(["train", "mlm/tiny", *overrides, "--out", str(run), "--no-progress"]) == 0
+    assert main(["eval", str(run), "--protocol", "text-classify", "eval.text_epochs=1", "eval.text_max_length=24"]) == 0
+    out = capsys.readouterr().out
+    assert "text-classify on wiki" in out and "majority class" in out
+    assert main(["eval", str(run), "--protocol", "seq2seq", "eval.seq2seq_epochs=1", "eval.seq2seq_source_length=12",
+                 "eval.seq2seq_target_length=4", "eval.seq2seq_test_documents=3", "eval.beam_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "ROUGE-L" in out and "exact match" in out
+    recorded = json.loads((run / "eval.json").read_text())
+    assert set(recorded) == {"text-classify", "seq2seq"}
+    classify = recorded["text-classify"]
+    assert classify["num_test"] > 5 and 0 <= classify["pretrained"] <= 1 and len(classify["classes"]) == 11
+    assert recorded["seq2seq"]["num_test"] == 3 and 0 <= recorded["seq2seq"]["pretrained"] <= 1
+    # An image protocol on a text run, and a text protocol on a bad split, fail in one line.
+    assert main(["eval", str(run), "--protocol", "knn"]) == 2
+    assert main(["eval", str(run), "--protocol", "text-classify", "eval.text_max_length=2"]) == 2
+    assert "eval.text_max_length" in capsys.readouterr().err
