@@ -67,3 +67,16 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def fit_one_batch(method, batch: dict, steps: int, lr: float = 3e-3) -> list[dict[str, float]]:
+    """The logs of `steps` AdamW steps of `method` on the same batch (a method must be able to memorise it)."""
+    optimizer = torch.optim.AdamW(method.parameters(), lr=lr)
+    logs = []
+    for _ in range(steps):
+        out = method(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        logs.append({name: float(value) for name, value in out.logs.items()})
+    return logs

@@ -35,3 +35,22 @@ def test_flip_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert set(summary[key]) == {"pretrained", "random_init"}
     assert (tmp_path / "flip" / "zero_shot.png").is_file() and (tmp_path / "flip" / "text.safetensors").is_file()
     assert "zero-shot, held-out pairs" in capsys.readouterr().out
+
+
+def test_text_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    from maskkit.cli import main
+
+    code = main(["demo", "text", "--out", str(tmp_path / "text"), "train.steps=2", "train.batch_size=8",
+                 "data.max_documents=120", "eval.text_epochs=1", "eval.text_max_length=16", "--no-progress"])
+    assert code == 0
+    summary = json.loads((tmp_path / "text" / "demo.json").read_text())
+    assert set(summary["objectives"]) == {"mlm", "xlnet", "pmlm"}
+    assert all(run["steps"] == 2 for run in summary["objectives"].values())
+    assert set(summary["text_classify"]) == {"MLM (BERT)", "XLNet", "PMLM (UniLMv2)", "random init (BERT-style)",
+                                             "random init (XLNet)"}
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in summary["text_classify"].values())
+    assert (tmp_path / "text" / "text_classify.png").is_file()
+    for objective in ("mlm", "xlnet", "pmlm"):
+        assert (tmp_path / "text" / objective / "backbone.safetensors").is_file()
+    assert "wiki topic classification" in capsys.readouterr().out
+    assert main(["demo", "text", "--out", str(tmp_path / "text"), "model.dim=8"]) == 2

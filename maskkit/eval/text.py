@@ -34,6 +34,7 @@ token embedding (`LMHead`).
 """
 
 import copy
+import logging
 import math
 import re
 import sys
@@ -52,6 +53,7 @@ from maskkit.nn.transformer import LMHead
 from maskkit.rng import Stream, scalar_seed
 from maskkit.train.optim import lr_at, param_groups
 
+log = logging.getLogger("maskkit")
 WEIGHT_DECAY = 0.01       # BERT's fine-tuning setting; norms, biases and embeddings are exempt (param_groups)
 BETAS = (0.9, 0.999)
 WARMUP_FRACTION = 0.1     # BERT warms up over the first 10% of the steps
@@ -133,6 +135,8 @@ def _fit(model: nn.Module, size: int, batch_loss: Callable[[list[int]], torch.Te
             step += 1
             bar.update(1)
         epoch_losses.append(sum(losses) / len(losses))
+        if progress and bar.disable:          # no terminal: one plain line per epoch instead of the bar
+            log.info("%s: epoch %d/%d, training loss %.4f", desc, epoch + 1, epochs, epoch_losses[-1])
         if after_epoch is not None:
             after_epoch(epoch)
     bar.close()

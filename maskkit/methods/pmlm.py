@@ -51,8 +51,9 @@ import torch
 
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError, require, require_float, require_int
-from maskkit.methods.base import Method, MethodOutput
+from maskkit.methods.base import MethodOutput
 from maskkit.methods.mlm import (
+    MLM,
     bert_replacement,
     check_text_data,
     check_vocabulary,
@@ -60,7 +61,7 @@ from maskkit.methods.mlm import (
     require_tokens,
     token_cross_entropy,
 )
-from maskkit.nn.transformer import LMHead, TextConfig, TextTransformer
+from maskkit.nn.transformer import TextConfig
 from maskkit.rng import Stream, uniform
 
 
@@ -252,27 +253,18 @@ def pmlm_inputs(ids: torch.Tensor, corrupted: torch.Tensor, attention_mask: torc
                       layout=layout)
 
 
-class PMLM(Method):
+class PMLM(MLM):
+    """MLM's encoder and head (`MLM.__init__`, `backbone`, `check_data`), PMLM's input, mask and losses."""
+
     name = "pmlm"
 
     def __init__(self, cfg: PMLMConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = TextTransformer(cfg.text)
-        self.head = LMHead(self.encoder.token_embedding, cfg.text.norm_eps)
-        self.special: SpecialIds | None = None
-
-    @property
-    def backbone(self) -> TextTransformer:
-        return self.encoder
+        super().__init__(cfg)
 
     def use_tokens(self, special: SpecialIds) -> None:
         """The tokenizer's special ids; [P] takes the id special.vocab_size, which needs one more row."""
         check_vocabulary(special, self.cfg.text, extra_rows=1, why=" and PMLM adds its pseudo mask [P] after them")
         self.special = special
-
-    def check_data(self, data) -> None:
-        self.use_tokens(data.tokenizer.special_ids())
 
     @property
     def pseudo_id(self) -> int:

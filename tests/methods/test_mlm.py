@@ -11,6 +11,7 @@ from maskkit.errors import MaskkitError
 from maskkit.methods.mlm import MLM, MLMConfig, masked_lm_inputs
 from maskkit.nn.transformer import TextConfig
 from maskkit.rng import sample_keys
+from tests.helpers import fit_one_batch
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=40)
 
@@ -109,14 +110,7 @@ def test_loss_decreases_on_a_repeated_batch():
     torch.manual_seed(0)
     model = tiny_mlm()
     batch = text_batch(range(8), length=32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        out = model(batch)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses = [log["loss"] for log in fit_one_batch(model, batch, 40)]
     assert losses[-1] < 0.5 * losses[0], losses
 
 

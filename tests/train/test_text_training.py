@@ -82,3 +82,13 @@ def test_text_protocols_from_the_command_line(tmp_path, capsys):
     assert main(["eval", str(run), "--protocol", "knn"]) == 2
     assert main(["eval", str(run), "--protocol", "text-classify", "eval.text_max_length=2"]) == 2
     assert "eval.text_max_length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("method", "key"), [("mlm", "model.text.context_length"), ("pmlm", "model.text.context_length"),
+                                             ("xlnet", "model.context_length")])
+def test_blocks_longer_than_the_model_and_image_data_are_refused_in_one_line(method, key, capsys):
+    assert main(["validate", f"{method}/tiny", "data.block_length=256"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "data.block_length=256" in err and err.count("\n") == 1
+    assert main(["validate", f"{method}/tiny", "data.kind=image", "data.name=digits"]) == 2
+    assert "data.kind" in capsys.readouterr().err
