@@ -4,7 +4,8 @@ Sec 3.1 "Task #1: Masked LM": 15% of the input tokens are chosen at random and p
 a chosen token is replaced by [MASK] 80% of the time, by a random token 10% of the time and left
 unchanged 10% of the time, so that the encoder cannot rely on [MASK] marking the positions it must
 predict (it never sees [MASK] when fine-tuned). The loss is the cross-entropy at the chosen positions
-only. As in the released `create_pretraining_data.py`, the number chosen is round(15% of the
+only (averaged per sample, then over the samples, so that any split over ranks and micro-batches trains
+the same: `token_cross_entropy`). As in the released `create_pretraining_data.py`, the number chosen is round(15% of the
 candidates) (at least one), the candidates being the real tokens other than [CLS], [SEP] and [PAD],
 and a random replacement is any id of the tokenizer's vocabulary.
 
