@@ -32,6 +32,9 @@ encodings without either seeing what it predicts:
 The loss is L_AE + L_PAR (Sec 2.1): the cross-entropy of the original token at each [M] and at each [P],
 each computed on the gathered rows alone (no vocabulary projection of the whole sequence). The [M]
 positions carry BERT's 80/10/10 replacement (Devlin et al. 2019, Sec 3.1; shared with `maskkit.methods.mlm`).
+A consequence to know: the 10% of [M] slots that keep their token are visible to every [P], so a [P] sees
+its own token there one time in ten, the same noise BERT's AE objective has; set the replacement to
+always-[MASK] (`bert_replacement` with replace_noise 0) for a PAR objective that never sees it.
 
 The tokenizers have no [P]: its id is the first row after the tokenizer's vocabulary (`special.vocab_size`),
 so model.text.vocab_size must be at least the tokenizer's size plus one. The appended part is padded to
