@@ -151,8 +151,10 @@ def run(args) -> int:
         data = configs.build_dataclass(TextDataConfig, {"kind": "text", **values.get("data", {})}, "command line",
                                        prefix="data.")
         check_text_data(data, "command line")
-        out = train_tokenizer(data, args.vocab_size, args.out)
-        print(f"wrote a {args.vocab_size}-entry WordPiece vocabulary learnt on the {data.name} training split to {out}")
+        out, size = train_tokenizer(data, args.vocab_size, args.out)
+        print(f"wrote a {size}-entry WordPiece vocabulary (at most {args.vocab_size} asked) learnt on the "
+              f"{data.name} training split to {out}; train with data.tokenizer={out} and a model vocabulary of at "
+              f"least {size} (model.text.vocab_size, or model.vocab_size for xlnet; pmlm needs one more)")
         return 0
     if args.command == "validate":
         cfg = configs.load_config(args.config, args.overrides)

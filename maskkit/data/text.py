@@ -353,8 +353,9 @@ class TokenisedDocuments(Dataset):
         return {"ids": ids[0], "attention_mask": mask[0], "label": torch.tensor(self.documents[index].label)}
 
 
-def train_tokenizer(cfg: TextDataConfig, vocab_size: int, out: str | Path) -> Path:
-    """`maskkit tokenizer train`: learn a WordPiece vocabulary on the corpus's training split, write tokenizer.json."""
+def train_tokenizer(cfg: TextDataConfig, vocab_size: int, out: str | Path) -> tuple[Path, int]:
+    """`maskkit tokenizer train`: learn a WordPiece vocabulary on the corpus's training split, write tokenizer.json.
+    Returns (the file, its vocabulary size: at most `vocab_size`, fewer on a small corpus)."""
     from maskkit.data.tokenizer import train_wordpiece
     from maskkit.files import atomic_write_text
 
@@ -363,5 +364,5 @@ def train_tokenizer(cfg: TextDataConfig, vocab_size: int, out: str | Path) -> Pa
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, backend.to_str())
-    Tokenizer.from_file(out, cfg.block_length).special_ids()       # what every text method will ask of it
-    return out
+    special = Tokenizer.from_file(out, cfg.block_length).special_ids()     # what every text method will ask of it
+    return out, special.vocab_size

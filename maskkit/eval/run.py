@@ -370,6 +370,10 @@ def evaluate(
         backbone, cfg = load_backbone(source)
     if overrides:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)), source="overrides")
+    pinned_tokenizer = _eval_json_path(source).parent / "tokenizer.json"
+    if protocol in TEXT_PROTOCOLS and pinned_tokenizer.is_file():
+        # The exact vocabulary the run trained with (written by `train`), whatever data.tokenizer names now.
+        cfg.data = dataclasses.replace(cfg.data, tokenizer=str(pinned_tokenizer))
     if cfg.train.threads and _device(device).type == "cpu":
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
     if protocol in TWO_TOWER_PROTOCOLS:

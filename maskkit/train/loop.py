@@ -7,6 +7,7 @@ logs and checkpoints. All per-sample randomness (crops, flips, masks) is seeded 
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from maskkit.config import Config, config_changes, config_to_dict, save_config
 from maskkit.data import Data, build_data
 from maskkit.data.images import batch_size_of, report_unreadable
 from maskkit.errors import MaskkitError
+from maskkit.files import atomic_write_text
 from maskkit.methods import build_method
 from maskkit.rng import Stream, sample_keys, scalar_seed
 from maskkit.train import checkpoint, distributed
@@ -155,7 +157,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 log.info("initialised the weights from %s", found)
 
     # The data first: a data set that cannot be used fails before the run directory is touched.
-    data = build_data(cfg.data, "train")
+    data_cfg = cfg.data
+    pinned_tokenizer = run_dir / "tokenizer.json"
+    if resume and cfg.data.kind == "text" and pinned_tokenizer.is_file():
+        # The vocabulary the run started with, even if the file data.tokenizer names has changed since
+        # (a retrained WordPiece gives other ids: the weights would silently read the wrong tokens).
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(pinned_tokenizer))
+    data = build_data(data_cfg, "train")
     method.check_data(data)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +171,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             log.info("removed %s, left by a process that died while writing it", stale)
         if not resume:
             save_config(cfg, run_dir / "config.yaml")
+            if cfg.data.kind == "text":
+                atomic_write_text(pinned_tokenizer, data.tokenizer.backend.to_str())
     config_dict = config_to_dict(cfg)
 
     sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,

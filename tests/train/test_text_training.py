@@ -9,7 +9,13 @@ from maskkit.cli import main
 from maskkit.config import config_from_dict, load_config
 from maskkit.errors import MaskkitError
 from maskkit.train.loop import train
-from tests.helpers import assert_bitwise_equal, assert_same_weights, resumed_and_straight, train_on_two_ranks
+from tests.helpers import (
+    assert_bitwise_equal,
+    assert_same_weights,
+    final_weights,
+    resumed_and_straight,
+    train_on_two_ranks,
+)
 
 # The bundled recipes, shrunk: 12 documents make ~60 blocks of 32 tokens, so batch 16 crosses an epoch
 # boundary every ~4 steps.
@@ -93,3 +99,18 @@ def test_blocks_longer_than_the_model_and_image_data_are_refused_in_one_line(met
     assert key in err and "data.block_length=256" in err and err.count("\n") == 1
     with pytest.raises(MaskkitError, match="data.kind"):       # a text method on an image data set
         config_from_dict({"method": method, "data": {"kind": "image", "name": "digits"}})
+
+
+def test_a_run_keeps_its_vocabulary_when_the_tokenizer_file_changes(tmp_path):
+    from maskkit.data.text import TextDataConfig, train_tokenizer
+
+    vocab = tmp_path / "vocab.json"
+    train_tokenizer(TextDataConfig(max_documents=100), 300, vocab)
+    cfg = small_config("mlm", f"data.tokenizer={vocab}", "model.text.vocab_size=300", "train.steps=6",
+                       "train.checkpoint_every=3")
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "resumed", stop_at_step=3, progress=False)
+    assert (tmp_path / "resumed" / "tokenizer.json").is_file()
+    train_tokenizer(TextDataConfig(max_documents=100, split_seed=5), 200, vocab)    # other ids at the same path
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
