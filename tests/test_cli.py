@@ -128,3 +128,12 @@ def test_without_a_terminal_progress_is_a_few_plain_lines(tmp_path, tiny_yaml):
     assert "\r" not in result.stderr and "it/s" not in result.stderr        # no tqdm bar in a log file
     progress_lines = [line for line in result.stderr.splitlines() if "step 4/4" in line]
     assert len(progress_lines) == 1 and "loss" in progress_lines[0]
+
+
+def test_every_bundled_recipe_validates(capsys):
+    from maskkit.config import list_recipes
+
+    recipes = list_recipes()
+    assert {"mlm/tiny", "xlnet/tiny", "pmlm/tiny", "mlm/base", "xlnet/base", "pmlm/base"} <= set(recipes)
+    for recipe in recipes:
+        assert main(["validate", recipe]) == 0, capsys.readouterr().err
