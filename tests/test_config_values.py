@@ -57,30 +57,54 @@ STRINGS = st.one_of(st.sampled_from(["", "digits", "photos", "folder", "photos+d
                                      "auto", "cls", "mean", "gpu", "/no/such/dir", "mae"]), st.text(max_size=8))
 
 
-def values_for(key: str, tp) -> st.SearchStrategy:
+def values_for(key: str, tp, size_keys=SIZE_KEYS, strings=STRINGS, ints: dict | None = None) -> st.SearchStrategy:
+    """Random values of type `tp`: small ones for `size_keys`, a key's own strategy from `ints` if given."""
     if tp is bool:
         return st.booleans()
     if tp is int:
-        return SMALL_INTS if key in SIZE_KEYS else INTS
+        return (ints or {}).get(key, SMALL_INTS if key in size_keys else INTS)
     if tp is float:
         return FLOATS
     if tp is str:
-        return STRINGS
+        return strings
     if typing.get_origin(tp) is list:
         return st.lists(FLOATS, min_size=0, max_size=4)
     raise AssertionError(f"no strategy for {key}: {tp}")
 
 
-@st.composite
-def mutated_configs(draw):
-    values = copy.deepcopy(tiny_config_dict(train={"steps": 4, "batch_size": 8, "checkpoint_every": 100}))
-    keys = draw(st.lists(st.sampled_from(sorted(FIELDS)), min_size=1, max_size=3, unique=True))
-    for key in keys:
+def mutate(draw, values: dict, fields: dict, **strategy) -> dict:
+    """`values` with one to three of `fields` replaced by random values (`values_for(**strategy)`)."""
+    for key in draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=3, unique=True)):
         node, parts = values, key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = draw(values_for(key, FIELDS[key]))
+        node[parts[-1]] = draw(values_for(key, fields[key], **strategy))
     return values
+
+
+def trains_a_step_or_fails_in_one_line(values: dict, run_dir) -> None:
+    """Validate `values`; if accepted, train one step. Anything but a one-line MaskkitError fails the test."""
+    threads = torch.get_num_threads()
+    try:
+        try:
+            cfg = config_from_dict(values)
+        except MaskkitError as error:
+            assert "\n" not in str(error)
+            return
+        try:
+            result = train(cfg, run_dir, stop_at_step=1, progress=False)
+        except MaskkitError as error:
+            assert "\n" not in str(error)
+            return
+        assert result.final_step == 1 and math.isfinite(result.final_loss)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@st.composite
+def mutated_configs(draw):
+    values = copy.deepcopy(tiny_config_dict(train={"steps": 4, "batch_size": 8, "checkpoint_every": 100}))
+    return mutate(draw, values, FIELDS)
 
 
 def test_every_field_is_covered():
@@ -94,21 +118,7 @@ def test_every_field_is_covered():
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=mutated_configs())
 def test_any_value_validates_and_trains_or_fails_in_one_line(values, tmp_path_factory):
-    threads = torch.get_num_threads()
-    try:
-        try:
-            cfg = config_from_dict(values)
-        except MaskkitError as error:
-            assert "\n" not in str(error)
-            return
-        try:
-            result = train(cfg, tmp_path_factory.mktemp("run"), stop_at_step=1, progress=False)
-        except MaskkitError as error:
-            assert "\n" not in str(error)
-            return
-        assert result.final_step == 1 and math.isfinite(result.final_loss)
-    finally:
-        torch.set_num_threads(threads)
+    trains_a_step_or_fails_in_one_line(values, tmp_path_factory.mktemp("run"))
 
 
 @pytest.mark.parametrize("override", [

@@ -7,20 +7,16 @@ type, then the config is validated and, when accepted, trained for one step on a
 
 import copy
 import dataclasses
-import math
 import typing
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maskkit.config import EvalConfig, config_from_dict
+from maskkit.config import EvalConfig
 from maskkit.data.text import TextDataConfig
-from maskkit.errors import MaskkitError
 from maskkit.methods import METHODS
-from maskkit.train.loop import train
-from tests.test_config_values import FLOATS, INTS, SMALL_INTS
+from tests.test_config_values import mutate, trains_a_step_or_fails_in_one_line
 
 TINY_TEXT = {"vocab_size": 4097, "context_length": 16, "dim": 16, "depth": 1, "num_heads": 2}
 BASE = {
@@ -61,33 +57,15 @@ STRINGS = st.one_of(st.sampled_from(["", "wiki", "minilm", "txt", "jsonl", "hf",
                                      "/no/such/file", "captions"]), st.text(max_size=8))
 
 
-def values_for(key: str, tp) -> st.SearchStrategy:
-    if tp is bool:
-        return st.booleans()
-    if tp is int:
-        if key == "data.max_documents":          # 0 means the whole corpus: slow, and covered elsewhere
-            return st.integers(min_value=-3, max_value=40).filter(lambda v: v != 0)
-        return SMALL_INTS if key in SIZE_KEYS else INTS
-    if tp is float:
-        return FLOATS
-    if tp is str:
-        return STRINGS
-    if typing.get_origin(tp) is list:
-        return st.lists(FLOATS, min_size=0, max_size=4)
-    raise AssertionError(f"no strategy for {key}: {tp}")
+# 0 documents means the whole corpus: slow, and covered elsewhere.
+MAX_DOCUMENTS = {"data.max_documents": st.integers(min_value=-3, max_value=40).filter(lambda v: v != 0)}
 
 
 @st.composite
 def mutated_configs(draw):
     method = draw(st.sampled_from(sorted(BASE)))
-    values = tiny_text_config(method)
-    fields = FIELDS[method]
-    for key in draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=3, unique=True)):
-        node, parts = values, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = draw(values_for(key, fields[key]))
-    return values
+    return mutate(draw, tiny_text_config(method), FIELDS[method], size_keys=SIZE_KEYS, strings=STRINGS,
+                  ints=MAX_DOCUMENTS)
 
 
 def test_the_text_keys_are_covered():
@@ -102,18 +80,4 @@ def test_the_text_keys_are_covered():
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=mutated_configs())
 def test_any_text_value_validates_and_trains_or_fails_in_one_line(values, tmp_path_factory):
-    threads = torch.get_num_threads()
-    try:
-        try:
-            cfg = config_from_dict(values)
-        except MaskkitError as error:
-            assert "\n" not in str(error)
-            return
-        try:
-            result = train(cfg, tmp_path_factory.mktemp("run"), stop_at_step=1, progress=False)
-        except MaskkitError as error:
-            assert "\n" not in str(error)
-            return
-        assert result.final_step == 1 and math.isfinite(result.final_loss)
-    finally:
-        torch.set_num_threads(threads)
+    trains_a_step_or_fails_in_one_line(values, tmp_path_factory.mktemp("run"))
