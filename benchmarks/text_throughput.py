@@ -32,7 +32,7 @@ WIDTH, DEPTH, HEADS, LENGTH = 256, 4, 4, 128
 
 
 def wiki_batch(batch_size: int, device: torch.device):
-    dataset, tokenizer, _ = build_text_dataset(TextDataConfig(block_length=LENGTH, max_documents=2000))
+    dataset, tokenizer, _ = build_text_dataset(TextDataConfig(tokenizer="wiki", block_length=LENGTH, max_documents=2000))
     batch = collate_blocks([dataset[i] for i in range(batch_size)])
     keys = sample_keys(0, batch["epoch"], batch["index"])
     batch = {"ids": batch["ids"].to(device), "attention_mask": batch["attention_mask"].to(device),

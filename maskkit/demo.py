@@ -219,8 +219,8 @@ def plot_text(summary: dict, path: Path) -> None:
     ax.axhline(summary["majority"], color="grey", linestyle=":", linewidth=1, label="majority class")
     ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel("wiki topic test accuracy")
-    ax.set_ylim(0, 1.0)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, 1.15)                       # room above the bars' labels for the legend
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

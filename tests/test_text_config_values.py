@@ -28,7 +28,7 @@ BASE = {
 
 def tiny_text_config(method: str) -> dict:
     return {"method": method, "model": copy.deepcopy(BASE[method]),
-            "data": {"kind": "text", "name": "wiki", "block_length": 16, "max_documents": 12},
+            "data": {"kind": "text", "name": "wiki", "tokenizer": "wiki", "block_length": 16, "max_documents": 12},
             "optim": {"base_lr": 1e-3, "warmup_steps": 1},
             "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 100, "threads": 1}}
 

@@ -50,7 +50,9 @@ class TextDataConfig:
     text_field: str = "text"          # jsonl / hf: the field holding the document
     label_field: str = ""             # jsonl / hf: a class label for text-classify ("" = none)
     target_field: str = ""            # jsonl / hf: a short target text for seq2seq ("" = none)
-    tokenizer: str = "wiki"           # wiki (bundled 4k WordPiece learnt on the wiki training split) | minilm | PATH
+    # minilm (the 30k WordPiece of the bundled all-MiniLM-L6-v2, the default) | wiki (a bundled 4k WordPiece learnt
+    # on the wiki training split: what the tiny CPU recipes use, so their embedding is not most of the model) | PATH
+    tokenizer: str = "minilm"
     block_length: int = 128           # tokens per pretraining block ([CLS] included)
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])   # train / val / test fractions
     split_seed: int = 0               # the fixed permutation behind the split
