@@ -10,10 +10,13 @@ Supported: attn_type "bi", bi_data False, clamp_len <= 0, ff_activation "gelu", 
 and no `reuse_len` (which only changes what the memory caches); anything else is a MaskkitError.
 """
 
+from os import PathLike
+from pathlib import Path
+
 import torch
 
 from maskkit.errors import MaskkitError
-from maskkit.interop.hf import _import_transformers
+from maskkit.interop.hf import _import_transformers, from_pretrained_dir
 from maskkit.methods.xlnet import XLNet, XLNetConfig, XLNetModel
 
 
@@ -94,9 +97,15 @@ def load_hf_xlnet(target, hf_state: dict[str, torch.Tensor] | None = None) -> XL
 
     `target`: a maskkit `XLNet` method (gets the backbone and the LM head's bias) or an `XLNetModel`, or a
     `transformers.XLNetLMHeadModel` / `XLNetModel` instance, from which a new maskkit XLNet (resp. model)
-    is built with `xlnet_config_from_hf`. `hf_state`: the HF state dict (default: the HF model's own).
+    is built with `xlnet_config_from_hf`, or a local directory written by `XLNetLMHeadModel.save_pretrained`.
+    `hf_state`: the HF state dict (default: the HF model's own).
     """
     transformers = _import_transformers()
+    if isinstance(target, (str, PathLike)):
+        path = Path(target)
+        if not path.is_dir():
+            raise MaskkitError(f"{path}: not a directory; pass a local directory written by save_pretrained")
+        target = from_pretrained_dir(transformers.XLNetLMHeadModel, path)
     if isinstance(target, (transformers.XLNetLMHeadModel, transformers.XLNetModel)):
         hf_state = target.state_dict() if hf_state is None else hf_state
         cfg = xlnet_config_from_hf(target.config)

@@ -107,3 +107,19 @@ def test_state_dict_of_an_existing_method_and_errors():
         xlnet_config_from_hf(transformers.XLNetConfig(attn_type="uni"))
     with pytest.raises(MaskkitError, match="bi_data"):
         xlnet_config_from_hf(transformers.XLNetConfig(bi_data=True))
+
+
+def test_loads_a_saved_directory_and_names_a_bad_one(tmp_path):
+    hf = random_xlnet(seed=3)
+    hf.save_pretrained(tmp_path / "xlnet")
+    method = load_hf_xlnet(tmp_path / "xlnet").eval()
+    ids, perm_mask, mapping, _ = order_inputs(7)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, perm_mask=perm_mask, target_mapping=mapping, use_mems=False).logits
+        ours = method.lm_logits(method.model.forward_two_stream(ids, perm_mask, mapping)[0])
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    with pytest.raises(MaskkitError, match="not a directory"):
+        load_hf_xlnet(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MaskkitError, match="cannot load a XLNetLMHeadModel"):
+        load_hf_xlnet(tmp_path / "empty")
