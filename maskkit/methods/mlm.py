@@ -88,10 +88,13 @@ def masked_lm_inputs(ids: torch.Tensor, attention_mask: torch.Tensor, keys: torc
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sample: torch.Tensor, batch_size: int,
-                        anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, accuracy) of (N, V) logits against (N,) targets, in fp32; `sample` (N,) says whose each row is.
+                        anchor: torch.Tensor, parts: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([loss per part], [accuracy per part]) of (parts * N, V) logits against (N,) targets, in fp32;
+    `sample` (N,) says whose each row is. `parts` > 1 scores several predictions of the same N tokens
+    (PMLM's [M] and [P] rows) in one cross-entropy call: slicing the logits instead would make the backward
+    pass zero-fill a full (parts * N, V) gradient per slice.
 
-    The loss is the mean over the batch's samples of each sample's mean cross-entropy (a sample with
+    A part's loss is the mean over the batch's samples of each sample's mean cross-entropy (a sample with
     nothing to predict counts 0), not the mean over all N tokens: the training loop weights micro-batches
     and ranks by their samples, so only a per-sample mean makes the loss of a global batch the same on
     1 or 8 ranks and with any accumulation. The masking draws a fixed fraction of each sample's tokens,
@@ -100,13 +103,18 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sample: tor
     DDP's gradient reduction still run.
     """
     if len(targets) == 0:
-        return anchor.sum() * 0.0, torch.zeros((), device=anchor.device)
-    per_token = F.cross_entropy(logits.float(), targets, reduction="none")               # (N,)
-    sums = per_token.new_zeros(batch_size).index_add(0, sample, per_token)              # (B,)
-    counts = torch.bincount(sample, minlength=batch_size).clamp_min(1)
-    loss = (sums / counts).sum() / batch_size
-    accuracy = (logits.argmax(-1) == targets).float().mean().detach()
-    return loss, accuracy
+        return [anchor.sum() * 0.0] * parts, [torch.zeros((), device=anchor.device)] * parts
+    all_targets = targets.repeat(parts)                                                   # (parts * N,)
+    per_token = F.cross_entropy(logits.float(), all_targets, reduction="none")          # (parts * N,)
+    correct = (logits.detach().argmax(-1) == all_targets).float()
+    counts = torch.bincount(sample, minlength=batch_size).clamp_min(1)                  # (B,)
+    losses, accuracies = [], []
+    for part in range(parts):
+        rows = slice(part * len(targets), (part + 1) * len(targets))
+        sums = per_token.new_zeros(batch_size).index_add(0, sample, per_token[rows])    # (B,)
+        losses.append((sums / counts).sum() / batch_size)
+        accuracies.append(correct[rows].mean())
+    return losses, accuracies
 
 
 def check_vocabulary(special: SpecialIds, text: TextConfig, extra_rows: int = 0, why: str = "") -> None:
@@ -157,6 +165,6 @@ class MLM(Method):
         hidden = self.encoder(inputs, attention_mask)                                     # (B, L, D)
         logits = self.head(hidden[chosen])                                                # (N, V), N chosen
         sample = chosen.nonzero()[:, 0]                                                   # (N,) row-major, as hidden[chosen]
-        loss, accuracy = token_cross_entropy(logits, ids[chosen], sample, len(ids), hidden)
+        (loss,), (accuracy,) = token_cross_entropy(logits, ids[chosen], sample, len(ids), hidden)
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": accuracy},
                             extras={"chosen": chosen, "logits": logits.detach()})

@@ -299,8 +299,8 @@ class PMLM(MLM):
         masks = hidden[sample, position]                                                   # (N, D) the [M] slots
         pseudos = hidden[sample, length + layout.pseudo_slots[layout.valid]]               # (N, D) the [P] slots
         logits = self.head(torch.cat([masks, pseudos]))                                   # (2N, V): one head call
-        ae_loss, ae_accuracy = token_cross_entropy(logits[: len(targets)], targets, sample, batch_size, hidden)
-        par_loss, par_accuracy = token_cross_entropy(logits[len(targets):], targets, sample, batch_size, hidden)
+        (ae_loss, par_loss), (ae_accuracy, par_accuracy) = token_cross_entropy(logits, targets, sample, batch_size,
+                                                                               hidden, parts=2)
         loss = ae_loss + par_loss                                                          # Sec 2.1: L_AE + L_PAR
         logs = {"loss": loss.detach(), "ae_loss": ae_loss.detach(), "par_loss": par_loss.detach(),
                 "accuracy": ae_accuracy, "par_accuracy": par_accuracy,

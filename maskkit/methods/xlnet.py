@@ -528,7 +528,7 @@ class XLNet(Method):
         logits, labels = torch.cat(logits), torch.cat(labels)                       # (N, V), (N,)
         # The mean over samples of each sample's mean (blocks of special tokens only count 0): see
         # `token_cross_entropy`, which makes the loss independent of how ranks and micro-batches split a batch.
-        loss, accuracy = token_cross_entropy(logits, labels, torch.cat(samples), len(ids), logits)
+        (loss,), (accuracy,) = token_cross_entropy(logits, labels, torch.cat(samples), len(ids), logits)
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": accuracy},
                             extras={"num_predicted": torch.tensor(len(labels))})
 

@@ -235,7 +235,7 @@ def test_segments_carry_memory_without_gradient():
     second_logits, second_labels, second_samples, _ = method.predict_chunk(ids[:, 12:], attention_mask[:, 12:], keys,
                                                                            1, constant_mems)
     token_cross_entropy(torch.cat([first_logits, second_logits]), torch.cat([first_labels, second_labels]),
-                        torch.cat([first_samples, second_samples]), 3, first_logits)[0].backward()
+                        torch.cat([first_samples, second_samples]), 3, first_logits)[0][0].backward()
     for name, p in method.named_parameters():
         torch.testing.assert_close(p.grad, through_method[name], atol=1e-6, rtol=1e-5, msg=name)
 
