@@ -252,8 +252,13 @@ def _import_transformers():
     return transformers
 
 
-def from_pretrained_dir(model_class, path: Path):
-    """`model_class.from_pretrained` on a local directory; what it cannot load is a one-line MaskkitError."""
+def from_pretrained_dir(model_class, path):
+    """`model_class.from_pretrained` on a local directory; a path that is not one, or a directory it cannot
+    load, is a one-line MaskkitError."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise MaskkitError(f"{path}: not a directory; pass a local directory written by "
+                           f"{model_class.__name__}.save_pretrained")
     try:
         return model_class.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -265,10 +270,7 @@ def load_hf_vitmae(model_or_path) -> MAE:
     """A maskkit MAE from a ViTMAEForPreTraining instance or a local directory written by `save_pretrained`."""
     transformers = _import_transformers()
     if isinstance(model_or_path, (str, PathLike)):
-        path = Path(model_or_path)
-        if not path.is_dir():
-            raise MaskkitError(f"{path}: not a directory; pass a local directory written by save_pretrained")
-        model = from_pretrained_dir(transformers.ViTMAEForPreTraining, path)
+        model = from_pretrained_dir(transformers.ViTMAEForPreTraining, model_or_path)
     elif isinstance(model_or_path, transformers.ViTMAEForPreTraining):
         model = model_or_path
     else:

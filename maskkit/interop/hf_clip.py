@@ -11,7 +11,6 @@ vocabulary puts end-of-text last), else the first end-of-text token; maskkit's `
 the last real token, which is the same token for CLIP-tokenised input.
 """
 
-from pathlib import Path
 
 import torch
 
@@ -140,10 +139,7 @@ def load_hf_clip(source) -> FLIP:
     """A maskkit FLIP from a `transformers.CLIPModel` or a local directory saved by `save_pretrained`."""
     transformers = _import_transformers()
     if not isinstance(source, torch.nn.Module):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise MaskkitError(f"{path} is not a directory holding a Hugging Face CLIPModel")
-        source = from_pretrained_dir(transformers.CLIPModel, path)
+        source = from_pretrained_dir(transformers.CLIPModel, source)
     cfg = flip_config_from_hf_clip(source.config)
     flip = FLIP(cfg)
     flip.load_state_dict(flip_from_hf_clip_state_dict(source.state_dict(), cfg))

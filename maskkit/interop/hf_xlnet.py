@@ -11,7 +11,6 @@ and no `reuse_len` (which only changes what the memory caches); anything else is
 """
 
 from os import PathLike
-from pathlib import Path
 
 import torch
 
@@ -102,10 +101,7 @@ def load_hf_xlnet(target, hf_state: dict[str, torch.Tensor] | None = None) -> XL
     """
     transformers = _import_transformers()
     if isinstance(target, (str, PathLike)):
-        path = Path(target)
-        if not path.is_dir():
-            raise MaskkitError(f"{path}: not a directory; pass a local directory written by save_pretrained")
-        target = from_pretrained_dir(transformers.XLNetLMHeadModel, path)
+        target = from_pretrained_dir(transformers.XLNetLMHeadModel, target)
     if isinstance(target, (transformers.XLNetLMHeadModel, transformers.XLNetModel)):
         hf_state = target.state_dict() if hf_state is None else hf_state
         cfg = xlnet_config_from_hf(target.config)
