@@ -144,11 +144,8 @@ def demo_text(out_dir: Path, overrides: list[str] = (), progress: bool = True) -
 
     `overrides` (train.*, data.*, eval.* keys) apply to all three recipes. Each run resumes if interrupted.
     """
-    import torch
-
-    from maskkit.eval.run import method_from_checkpoint, text_examples
-    from maskkit.eval.text import finetune_text_classifier
-    from maskkit.methods import build_method
+    from maskkit.data.text import run_vocabulary
+    from maskkit.eval.run import method_from_checkpoint, random_backbone, text_classify
     from maskkit.train.checkpoint import find_checkpoint
 
     for override in overrides:
@@ -166,30 +163,17 @@ def demo_text(out_dir: Path, overrides: list[str] = (), progress: bool = True) -
         start = time.perf_counter()
         result = train(cfg, run_dir, resume=resume, progress=progress)
         method, run_cfg = method_from_checkpoint(find_checkpoint(run_dir))
+        run_cfg.data = run_vocabulary(run_cfg.data, run_dir)
         backbones[objective], configs[objective] = method.backbone, run_cfg
         summary["objectives"][objective] = {"steps": result.final_step, "final_loss": result.final_loss,
                                             "train_seconds": round(time.perf_counter() - start, 1)}
-    e = configs["mlm"].eval
-    train_set, names = text_examples(configs["mlm"], "train", e.text_max_length)
-    test_set, _ = text_examples(configs["mlm"], "test", e.text_max_length)
     seed = configs["mlm"].train.seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random_bert = build_method(configs["mlm"]).backbone
-        torch.manual_seed(seed)
-        random_xlnet = build_method(configs["xlnet"]).backbone
-    models = {**{TEXT_NAMES[o]: backbones[o] for o in TEXT_OBJECTIVES}, "random init (BERT-style)": random_bert,
-              "random init (XLNet)": random_xlnet}
-    log.info("fine-tuning each on the %d wiki topics (%d train / %d test documents)", len(names), len(train_set),
-             len(test_set))
-    summary["text_classify"] = {}
-    for name, model in models.items():
-        scores = finetune_text_classifier(model, train_set, test_set, num_classes=len(names), epochs=e.text_epochs,
-                                          lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device="cpu",
-                                          progress=progress)
-        summary["text_classify"][name] = scores["accuracy"]
-    summary.update(num_train=len(train_set), num_test=len(test_set),
-                   majority=float(torch.bincount(test_set.labels).max()) / len(test_set))
+    models = {**{TEXT_NAMES[o]: backbones[o] for o in TEXT_OBJECTIVES},
+              "random init (BERT-style)": random_backbone(configs["mlm"], seed),
+              "random init (XLNet)": random_backbone(configs["xlnet"], seed)}
+    scores = text_classify(models, configs["mlm"], "cpu", seed, progress)
+    summary["text_classify"] = {name: scores[name] for name in models}
+    summary.update(num_train=scores["num_train"], num_test=scores["num_test"], majority=scores["majority"])
     atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=1) + "\n")
     plot_text(summary, out_dir / "text_classify.png")
     print(format_text_table(summary, out_dir))

@@ -20,6 +20,7 @@ the bundled corpus), never in the training loop; fine-tuning sets tokenise one d
 the DataLoader's workers.
 """
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -336,6 +337,29 @@ def build_text_dataset(cfg: TextDataConfig, split: str = "train") -> tuple[Datas
     blocks = pack_blocks(tokenizer.encode_plain([d.text for d in documents]), cfg.block_length, special.cls,
                          special.sep)
     return Indexed(TextBlocks(blocks)), tokenizer, corpus
+
+
+# A run's own vocabulary
+
+RUN_TOKENIZER = "tokenizer.json"
+
+
+def run_vocabulary(cfg, run_dir):
+    """The data section with the vocabulary the run in `run_dir` trained with (RUN/tokenizer.json, written by
+    `pin_vocabulary`), for text data that has one: `tokenizers`' trainer does not give the same ids twice, so a
+    file retrained at the data.tokenizer path would feed the weights other tokens without any error."""
+    pinned = Path(run_dir) / RUN_TOKENIZER
+    if getattr(cfg, "kind", None) == "text" and pinned.is_file():
+        return dataclasses.replace(cfg, tokenizer=str(pinned))
+    return cfg
+
+
+def pin_vocabulary(cfg, tokenizer, run_dir) -> None:
+    """Write the tokenizer of a new text run to RUN/tokenizer.json (other data kinds: nothing)."""
+    from maskkit.files import atomic_write_text
+
+    if getattr(cfg, "kind", None) == "text":
+        atomic_write_text(Path(run_dir) / RUN_TOKENIZER, tokenizer.backend.to_str())
 
 
 # Fine-tuning sets

@@ -8,6 +8,7 @@ what pretraining bought over the architecture alone. The result is also written 
 import copy
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from maskkit.config import Config, apply_overrides, build_dataclass, config_from_dict, config_to_dict, load_config
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset, labelled_name
+from maskkit.data.text import run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune
@@ -28,6 +30,7 @@ from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 
+log = logging.getLogger("maskkit")
 PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "seq2seq")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 TEXT_PROTOCOLS = ("text-classify", "seq2seq")
@@ -257,72 +260,93 @@ def dense_probe_both(backbone: ViT, cfg: Config, device, seed: int = 0) -> dict:
     return result
 
 
-def text_examples(cfg: Config, split: str, max_length: int):
-    """(TextExamples of the split's labelled documents, class names) for text-classify."""
+def _text_splits(cfg: Config, keep) -> tuple[dict, list[str]]:
+    """({"train": documents, "test": documents} kept by `keep`, class names), the corpus read once."""
     from maskkit.data.text import read_corpus, split_documents
+
+    corpus = read_corpus(cfg.data)
+    splits = {split: [d for d in split_documents(corpus.documents, cfg.data.split, cfg.data.split_seed, split)
+                      if keep(d)] for split in ("train", "test")}
+    return splits, corpus.label_names
+
+
+def text_examples(cfg: Config, max_length: int):
+    """(train, test) TextExamples of the labelled documents, and the class names, for text-classify."""
     from maskkit.data.tokenizer import build_text_tokenizer
     from maskkit.eval.text import TextExamples
 
-    corpus = read_corpus(cfg.data)
-    documents = [d for d in split_documents(corpus.documents, cfg.data.split, cfg.data.split_seed, split)
-                 if d.label >= 0]
-    if not documents:
-        raise MaskkitError(f"text-classify: the {split} split of {cfg.data.name} has no labelled document"
-                           + ("" if cfg.data.name == "wiki" else "; name the label with data.label_field"))
-    ids, mask = build_text_tokenizer(cfg.data.tokenizer, max_length).encode([d.text for d in documents])
-    return TextExamples(ids, mask, torch.tensor([d.label for d in documents])), corpus.label_names
+    splits, names = _text_splits(cfg, lambda d: d.label >= 0)
+    tokenizer = build_text_tokenizer(cfg.data.tokenizer, max_length)
+    examples = []
+    for split, documents in splits.items():
+        if not documents:
+            raise MaskkitError(f"text-classify: the {split} split of {cfg.data.name} has no labelled document"
+                               + ("" if cfg.data.name == "wiki" else "; name the label with data.label_field"))
+        ids, mask = tokenizer.encode([d.text for d in documents])
+        examples.append(TextExamples(ids, mask, torch.tensor([d.label for d in documents])))
+    return *examples, names
 
 
-def seq2seq_examples(cfg: Config, split: str, limit: int = 0):
-    """(Seq2SeqExamples of the split's documents that have a target, the tokenizer) for seq2seq."""
-    from maskkit.data.text import read_corpus, split_documents
+def seq2seq_examples(cfg: Config):
+    """(train, test) Seq2SeqExamples of the documents with a target (at most eval.seq2seq_test_documents test
+    ones), and the tokenizer, for seq2seq."""
     from maskkit.data.tokenizer import build_text_tokenizer
     from maskkit.eval.text import Seq2SeqExamples
 
     e = cfg.eval
-    documents = [d for d in split_documents(read_corpus(cfg.data).documents, cfg.data.split, cfg.data.split_seed,
-                                            split) if d.target]
-    if not documents:
-        raise MaskkitError(f"seq2seq: the {split} split of {cfg.data.name} has no document with a target"
-                           + ("" if cfg.data.name == "wiki" else "; name it with data.target_field"))
-    documents = documents[:limit] if limit else documents
+    splits, _ = _text_splits(cfg, lambda d: bool(d.target))
+    if e.seq2seq_test_documents:
+        splits["test"] = splits["test"][: e.seq2seq_test_documents]
     tokenizer = build_text_tokenizer(cfg.data.tokenizer, e.seq2seq_source_length)
-    sources = [ids[: e.seq2seq_source_length] for ids in tokenizer.encode_plain([d.text for d in documents])]
-    targets = tokenizer.encode_plain([d.target for d in documents])
-    return Seq2SeqExamples(sources, targets), tokenizer
+    examples = []
+    for split, documents in splits.items():
+        if not documents:
+            raise MaskkitError(f"seq2seq: the {split} split of {cfg.data.name} has no document with a target"
+                               + ("" if cfg.data.name == "wiki" else "; name it with data.target_field"))
+        sources = [ids[: e.seq2seq_source_length] for ids in tokenizer.encode_plain([d.text for d in documents])]
+        examples.append(Seq2SeqExamples(sources, tokenizer.encode_plain([d.target for d in documents])))
+    return *examples, tokenizer
 
 
-def evaluate_text(backbone, cfg: Config, protocol: str, device="cpu", seed: int = 0, progress: bool = True,
-                  random_init=None) -> dict:
-    """text-classify or seq2seq for `backbone` and for the same architecture with random weights.
+def random_backbone(cfg: Config, seed: int):
+    """The backbone of the run's method with fresh weights (seed `seed`), the caller's generator untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_method(cfg).backbone
 
-    `random_init` is built from the run's config (seed `seed`) unless given.
-    """
-    from maskkit.eval.text import finetune_seq2seq, finetune_text_classifier
+
+def text_classify(models: dict, cfg: Config, device="cpu", seed: int = 0, progress: bool = True) -> dict:
+    """Fine-tune each of `models` ({name: backbone}) on the labelled training documents; {name: test accuracy,
+    name_curve: accuracy per epoch} with num_train, num_test, classes and the majority-class rate."""
+    from maskkit.eval.text import finetune_text_classifier
+
+    e = cfg.eval
+    train, test, names = text_examples(cfg, e.text_max_length)
+    log.info("text-classify: fine-tuning %d model(s) on %d classes (%d train / %d test documents)", len(models),
+             len(names), len(train), len(test))
+    result = {"num_train": len(train), "num_test": len(test), "classes": names,
+              "majority": float(torch.bincount(test.labels).max()) / len(test)}
+    for name, model in models.items():
+        scores = finetune_text_classifier(model, train, test, num_classes=len(names), epochs=e.text_epochs,
+                                          lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device=device,
+                                          progress=progress)
+        result[name], result[f"{name}_curve"] = scores["accuracy"], scores["curve"]
+    return result
+
+
+def evaluate_text(backbone, cfg: Config, protocol: str, device="cpu", seed: int = 0, progress: bool = True) -> dict:
+    """text-classify or seq2seq for `backbone` and for the same architecture with random weights."""
+    from maskkit.eval.text import finetune_seq2seq
 
     if getattr(cfg.data, "kind", "image") != "text":
         raise MaskkitError(f"{protocol} evaluates text models; this run trained on data.kind={cfg.data.kind}")
     device = _device(device)
-    if random_init is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random_init = build_method(cfg).backbone
-    e = cfg.eval
-    models = {"pretrained": backbone, "random_init": random_init}
+    models = {"pretrained": backbone, "random_init": random_backbone(cfg, seed)}
     result = {"protocol": protocol, "dataset": cfg.data.name}
     if protocol == "text-classify":
-        train, names = text_examples(cfg, "train", e.text_max_length)
-        test, _ = text_examples(cfg, "test", e.text_max_length)
-        result.update(num_train=len(train), num_test=len(test), classes=names,
-                      majority=float(torch.bincount(test.labels).max()) / len(test))
-        for name, model in models.items():
-            scores = finetune_text_classifier(model, train, test, num_classes=len(names), epochs=e.text_epochs,
-                                              lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device=device,
-                                              progress=progress)
-            result[name], result[f"{name}_curve"] = scores["accuracy"], scores["curve"]
-        return result
-    train, tokenizer = seq2seq_examples(cfg, "train")
-    test, _ = seq2seq_examples(cfg, "test", e.seq2seq_test_documents)
+        return {**result, **text_classify(models, cfg, device, seed, progress)}
+    e = cfg.eval
+    train, test, tokenizer = seq2seq_examples(cfg)
     result.update(num_train=len(train), num_test=len(test), beam_size=e.beam_size)
     for name, model in models.items():
         scores = finetune_seq2seq(model, train, test, special=tokenizer.special_ids(), epochs=e.seq2seq_epochs,
@@ -370,10 +394,8 @@ def evaluate(
         backbone, cfg = load_backbone(source)
     if overrides:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)), source="overrides")
-    pinned_tokenizer = _eval_json_path(source).parent / "tokenizer.json"
-    if protocol in TEXT_PROTOCOLS and pinned_tokenizer.is_file():
-        # The exact vocabulary the run trained with (written by `train`), whatever data.tokenizer names now.
-        cfg.data = dataclasses.replace(cfg.data, tokenizer=str(pinned_tokenizer))
+    if protocol in TEXT_PROTOCOLS:
+        cfg.data = run_vocabulary(cfg.data, _eval_json_path(source).parent)
     if cfg.train.threads and _device(device).type == "cpu":
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
     if protocol in TWO_TOWER_PROTOCOLS:

@@ -7,7 +7,6 @@ logs and checkpoints. All per-sample randomness (crops, flips, masks) is seeded 
 """
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -23,8 +22,8 @@ from tqdm import tqdm
 from maskkit.config import Config, config_changes, config_to_dict, save_config
 from maskkit.data import Data, build_data
 from maskkit.data.images import batch_size_of, report_unreadable
+from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
-from maskkit.files import atomic_write_text
 from maskkit.methods import build_method
 from maskkit.rng import Stream, sample_keys, scalar_seed
 from maskkit.train import checkpoint, distributed
@@ -157,13 +156,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 log.info("initialised the weights from %s", found)
 
     # The data first: a data set that cannot be used fails before the run directory is touched.
-    data_cfg = cfg.data
-    pinned_tokenizer = run_dir / "tokenizer.json"
-    if resume and cfg.data.kind == "text" and pinned_tokenizer.is_file():
-        # The vocabulary the run started with, even if the file data.tokenizer names has changed since
-        # (a retrained WordPiece gives other ids: the weights would silently read the wrong tokens).
-        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(pinned_tokenizer))
-    data = build_data(data_cfg, "train")
+    # A resumed text run reads the vocabulary it started with, whatever data.tokenizer's file holds now.
+    data = build_data(run_vocabulary(cfg.data, run_dir) if resume else cfg.data, "train")
     method.check_data(data)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,8 +165,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             log.info("removed %s, left by a process that died while writing it", stale)
         if not resume:
             save_config(cfg, run_dir / "config.yaml")
-            if cfg.data.kind == "text":
-                atomic_write_text(pinned_tokenizer, data.tokenizer.backend.to_str())
+            pin_vocabulary(cfg.data, data.tokenizer, run_dir)
     config_dict = config_to_dict(cfg)
 
     sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,
