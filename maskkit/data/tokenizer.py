@@ -70,6 +70,7 @@ class Tokenizer:
         backend.enable_truncation(max_length=context_length)
         backend.enable_padding(length=context_length, pad_id=self.pad_id, pad_token="[PAD]")
         self.truncated = 0            # captions cut to the context length so far
+        self._plain = None            # the same vocabulary without template, truncation or padding (encode_plain)
 
     @property
     def pad_id(self) -> int:
@@ -104,11 +105,10 @@ class Tokenizer:
 
     def encode_plain(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no [CLS]/[SEP], no truncation, no padding (for packing into blocks)."""
-        if not hasattr(self, "_plain"):
-            plain = _tokenizers().Tokenizer.from_str(self.backend.to_str())
-            plain.no_truncation()
-            plain.no_padding()
-            self._plain = plain
+        if self._plain is None:
+            self._plain = _tokenizers().Tokenizer.from_str(self.backend.to_str())
+            self._plain.no_truncation()
+            self._plain.no_padding()
         return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
 
     @classmethod

@@ -117,12 +117,14 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sample: tor
     return losses, accuracies
 
 
-def check_vocabulary(special: SpecialIds, text: TextConfig, extra_rows: int = 0, why: str = "") -> None:
-    """model.text.vocab_size must have a row for every id of the tokenizer (and `extra_rows` more)."""
-    needed = special.vocab_size + extra_rows
-    if text.vocab_size < needed:
-        raise MaskkitError(f"the tokenizer has {special.vocab_size} tokens{why} but model.text.vocab_size="
-                           f"{text.vocab_size}; set model.text.vocab_size={needed} (or more)")
+def check_vocabulary(tokenizer_size: int, model_size: int, key: str = "model.text.vocab_size", extra_rows: int = 0,
+                     why: str = "") -> None:
+    """The model's embedding (`key` = `model_size` rows) must have a row for every id of the tokenizer (and
+    `extra_rows` more); MLM, PMLM and XLNet ask this of their data."""
+    needed = tokenizer_size + extra_rows
+    if model_size < needed:
+        raise MaskkitError(f"the tokenizer has {tokenizer_size} tokens{why} but {key}={model_size}; "
+                           f"set {key}={needed} (or more)")
 
 
 def require_tokens(special: SpecialIds | None, batch: dict, method: str) -> SpecialIds:
@@ -152,7 +154,7 @@ class MLM(Method):
 
     def use_tokens(self, special: SpecialIds) -> None:
         """The tokenizer's [CLS], [SEP], [PAD], [MASK] ids and vocabulary size, which masking needs."""
-        check_vocabulary(special, self.cfg.text)
+        check_vocabulary(special.vocab_size, self.cfg.text.vocab_size)
         self.special = special
 
     def check_data(self, data) -> None:

@@ -266,7 +266,8 @@ class PMLM(MLM):
 
     def use_tokens(self, special: SpecialIds) -> None:
         """The tokenizer's special ids; [P] takes the id special.vocab_size, which needs one more row."""
-        check_vocabulary(special, self.cfg.text, extra_rows=1, why=" and PMLM adds its pseudo mask [P] after them")
+        check_vocabulary(special.vocab_size, self.cfg.text.vocab_size, extra_rows=1,
+                         why=" and PMLM adds its pseudo mask [P] after them")
         self.special = special
 
     @property

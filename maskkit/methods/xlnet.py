@@ -42,7 +42,7 @@ from torch import nn
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
-from maskkit.methods.mlm import token_cross_entropy
+from maskkit.methods.mlm import check_vocabulary, token_cross_entropy
 from maskkit.nn.transformer import MLP, Attention, check_mlp_ratio
 from maskkit.rng import Stream, uniform
 
@@ -478,11 +478,8 @@ class XLNet(Method):
         self.special = special
 
     def check_data(self, data) -> None:
-        tokenizer = data.tokenizer
-        if tokenizer.vocab_size > self.cfg.vocab_size:
-            raise MaskkitError(f"model.vocab_size={self.cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-                               f"({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}")
-        self.use_tokens(tokenizer.special_ids())
+        check_vocabulary(data.tokenizer.vocab_size, self.cfg.vocab_size, "model.vocab_size")
+        self.use_tokens(data.tokenizer.special_ids())
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, V): called on the predicted rows only."""
