@@ -16,8 +16,9 @@ truncation), each followed by [SEP], concatenated and cut into blocks of `data.b
 each starting with [CLS] (BERT's and RoBERTa's FULL-SENTENCES packing; UniLMv2 and XLNet pretrain on
 such packed segments). Packing needs every document's length, so the corpus is tokenised once, in
 batches by the `tokenizers` library's own threads, when the data set is built (a second or two for
-the bundled corpus), never in the training loop; fine-tuning sets tokenise one document per item in
-the DataLoader's workers.
+the bundled corpus), never in the training loop. The text protocols tokenise their labelled documents
+in one batch call when they start; `TokenisedDocuments` tokenises one document per item instead, for a
+DataLoader of your own whose workers should do it.
 """
 
 import dataclasses
