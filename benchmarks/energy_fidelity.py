@@ -19,12 +19,12 @@ import torch
 
 from maskkit.config import load_config
 from maskkit.data import build_data
-from maskkit.data.corruptions import corrupt
 from maskkit.data.images import labelled_dataset
 from maskkit.eval.features import extract_features
 from maskkit.eval.linear_probe import linear_probe
 from maskkit.eval.run import evaluate_backbones, load_backbone, method_from_checkpoint
 from maskkit.methods.energy import psnr
+from maskkit.nn.corruptions import corrupt
 from maskkit.rng import sample_keys
 from maskkit.train import checkpoint
 from maskkit.train.loop import train

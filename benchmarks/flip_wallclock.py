@@ -20,7 +20,7 @@ import torch
 
 from maskkit.config import load_config
 from maskkit.data import build_data
-from maskkit.data.pairs import CLASS_NAMES
+from maskkit.data.shapes import CLASS_NAMES
 from maskkit.eval.run import load_method
 from maskkit.eval.zero_shot import SHAPE_TEMPLATES, zero_shot_accuracy
 from maskkit.files import pyplot

@@ -161,14 +161,14 @@ def run(args) -> int:
         print(f"{args.config}: ok ({cfg.method}, {cfg.train.steps} steps, batch {cfg.train.batch_size})")
         return 0
     if args.command == "train":
-        from maskkit.train.loop import train
+        from maskkit.train.loop import resume_config, train
 
         cfg = configs.load_config(args.config, args.overrides)
         out = Path(args.out or Path("runs") / cfg.name)
         if args.resume:
             # A resumed run trains the config it was started with; overrides may only restate it or change
             # how it runs (train.threads, ...), which `train` checks.
-            cfg = configs.resume_config(out, args.overrides)
+            cfg = resume_config(out, args.overrides)
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")

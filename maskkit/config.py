@@ -6,7 +6,6 @@ line that names the key and lists the valid ones.
 """
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from maskkit.data.images import DATA_SETS, DataConfig
+from maskkit.data.common import check_crop_scale
+from maskkit.data.images import DataConfig, check_image_data
 from maskkit.data.pairs import PairDataConfig, check_pair_data
 from maskkit.data.text import TextDataConfig, check_text_data
 from maskkit.errors import MaskkitError, require, require_float, require_int
@@ -240,46 +240,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     elif cfg.data.kind == "text":
         check_text_data(cfg.data, source)
     else:
-        check_data(cfg.data, source)
+        check_image_data(cfg.data, source)
     cfg.model.check(cfg.data, source)
     if hasattr(cfg.model, "check_batch"):          # methods whose state depends on the global batch (queues)
         cfg.model.check_batch(cfg.train.batch_size, source)
-
-
-def check_data(d: DataConfig, source: str) -> None:
-    require(d.kind == "image", source, "data.kind", d.kind, "image for these fields")
-    for name in d.name.split("+"):
-        require(name in DATA_SETS, source, "data.name", d.name,
-                f"one of {', '.join(DATA_SETS)} or a '+'-joined mixture of them (e.g. photos+digits)")
-    require_int(source, "data.image_size", d.image_size, 1, 4096)
-    require(d.load_size == 0 or 1 <= d.load_size <= 4096, source, "data.load_size", d.load_size,
-            "0 (= data.image_size) or an integer in [1, 4096]")
-    require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
-    require_int(source, "data.photo_crops", d.photo_crops, 1)
-    require_int(source, "data.shapes", d.shapes, 4)
-    require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
-    require_int(source, "data.num_workers", d.num_workers, 0, 256)
-    check_normalisation(d, source)
-    check_crop_scale(source, "data.crop_scale", d.crop_scale)
-    require(d.views in (1, 2), source, "data.views", d.views, "1 or 2")
-
-
-def check_normalisation(d, source: str) -> None:
-    """data.mean / data.std: one finite value per channel, positive deviations."""
-    for key in ("mean", "std"):
-        values = getattr(d, key)
-        require(len(values) == d.in_channels, source, f"data.{key}", values,
-                f"one value per channel (data.in_channels={d.in_channels})")
-    for i, (mean, std) in enumerate(zip(d.mean, d.std, strict=True)):
-        require(math.isfinite(mean), source, f"data.mean[{i}]", mean, "a finite number")
-        require_float(source, f"data.std[{i}]", std, 0.0, low_open=True)
-
-
-def check_crop_scale(source: str, key: str, scale: list[float]) -> None:
-    require(len(scale) == 2, source, key, scale, "two area fractions [low, high]")
-    low, high = scale
-    require_float(source, f"{key}[0]", low, 0.0, 1.0, low_open=True)
-    require_float(source, f"{key}[1]", high, low, 1.0)
 
 
 # Keys that say where and how a run executes, not what it computes: a resumed run may change them.
@@ -325,22 +289,6 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
     if not isinstance(values, dict):
         raise MaskkitError(f"{path}: expected a mapping of config sections at the top level")
     return config_from_dict(apply_overrides(values, list(overrides)), source=str(path))
-
-
-def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
-    """The config a run was started with (from its latest checkpoint), with `overrides` applied."""
-    import copy
-
-    from maskkit.train.checkpoint import find_checkpoint, read_state
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "latest").is_file():
-        raise MaskkitError(f"no checkpoint in {run_dir} to resume from; start the run without --resume")
-    found = find_checkpoint(run_dir)
-    saved = read_state(found).get("config")
-    if not isinstance(saved, dict):
-        raise MaskkitError(f"{found / 'state.json'} holds no config to resume with")
-    return config_from_dict(apply_overrides(copy.deepcopy(saved), list(overrides)), source=str(found / "state.json"))
 
 
 def config_to_dict(cfg: Config) -> dict:

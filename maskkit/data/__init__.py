@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from maskkit.data.images import build_image_dataset, collate
+from maskkit.data.common import collate
+from maskkit.data.images import build_image_dataset
 
 log = logging.getLogger("maskkit")
 
@@ -60,7 +61,3 @@ def build_data(cfg, split: str = "train") -> Data:
     return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.normalize, augment.denormalize,
                 None, list(cfg.mean), list(cfg.std))
 
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device` (without blocking the host); anything else as it is."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -52,7 +52,7 @@ class ImageAugment:
 
     def prepare(self, batch: dict, keys: torch.Tensor, device: torch.device) -> dict:
         """The data layer's `prepare`: move the batch to `device`, crop, flip and normalise its images there."""
-        from maskkit.data import to_device
+        from maskkit.data.common import to_device
 
         batch = to_device(batch, device)
         # A segmentation mask is for evaluating on un-augmented images: a crop would misalign it.

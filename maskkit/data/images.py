@@ -11,14 +11,23 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset
 
-from maskkit.errors import MaskkitError
+from maskkit.data.common import (
+    Indexed,
+    Unreadable,
+    check_crop_scale,
+    check_normalisation,
+    held_out,
+    report_unreadable,
+    to_channels,
+)
+from maskkit.data.shapes import ShapesWorld
+from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.rng import Stream, sample_keys, uniform
 
 log = logging.getLogger("maskkit")
@@ -52,15 +61,22 @@ class DataConfig:
     color: bool = False               # MoCo v2's colour jitter, grayscale and blur on top of crop and flip
 
 
-def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
-    """(c, H, W) -> (channels, H, W): grey is repeated, alpha dropped."""
-    if image.shape[0] == channels:
-        return image
-    if image.shape[0] == 1:
-        return image.expand(channels, -1, -1).contiguous()
-    if channels == 1:
-        return image[:3].mean(0, keepdim=True)
-    return image[:channels]
+def check_image_data(d: DataConfig, source: str) -> None:
+    require(d.kind == "image", source, "data.kind", d.kind, "image for these fields")
+    for name in d.name.split("+"):
+        require(name in DATA_SETS, source, "data.name", d.name,
+                f"one of {', '.join(DATA_SETS)} or a '+'-joined mixture of them (e.g. photos+digits)")
+    require_int(source, "data.image_size", d.image_size, 1, 4096)
+    require(d.load_size == 0 or 1 <= d.load_size <= 4096, source, "data.load_size", d.load_size,
+            "0 (= data.image_size) or an integer in [1, 4096]")
+    require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
+    require_int(source, "data.photo_crops", d.photo_crops, 1)
+    require_int(source, "data.shapes", d.shapes, 4)
+    require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
+    require_int(source, "data.num_workers", d.num_workers, 0, 256)
+    check_normalisation(d, source)
+    check_crop_scale(source, "data.crop_scale", d.crop_scale)
+    require(d.views in (1, 2), source, "data.views", d.views, "1 or 2")
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -157,34 +173,6 @@ def _shrink(photo: torch.Tensor, short_side: int) -> torch.Tensor:
     scale = short_side / min(height, width)
     size = (round(height * scale), round(width * scale))
     return F.interpolate(photo[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-
-
-class Unreadable(NamedTuple):
-    """What a data set returns for a file it cannot decode; `collate` drops it and lists its path."""
-
-    path: str
-    reason: str
-
-
-_REPORTED: set[str] = set()   # unreadable files already reported by this process: each is named once
-
-
-def report_unreadable(path: str, reason: str) -> None:
-    if path not in _REPORTED:
-        _REPORTED.add(path)
-        log.warning("skipping unreadable image %s: %s", path, reason)
-
-
-def held_out(count: int, fraction: float) -> list[bool]:
-    """Which of `count` items (in order) are held out: exactly round(count * fraction), spread evenly."""
-    return [math.floor((r + 1) * fraction + 0.5) > math.floor(r * fraction + 0.5) for r in range(count)]
-
-
-def take_split(items: list, fraction: float, split: str) -> list:
-    """The items of `split` ("train", "test" = the held-out `fraction`, or "all"), in their order."""
-    if split == "all":
-        return list(items)
-    return [item for item, out in zip(items, held_out(len(items), fraction), strict=True) if out == (split == "test")]
 
 
 def _open_error(path: Path, decode: bool) -> str | None:
@@ -313,33 +301,11 @@ class ImageFolder(Dataset):
         return resize(image, image_size)
 
 
-class Indexed(Dataset):
-    """Adds "index" and "epoch" to every item, so randomness can be seeded per sample.
-
-    Items are asked for by index, or by (index, epoch) as `StepSampler` yields them (epoch 0 otherwise).
-    """
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict | Unreadable:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        item = self.dataset[index]
-        if isinstance(item, Unreadable):
-            return item
-        return {**item, "index": torch.tensor(index), "epoch": torch.tensor(epoch)}
-
-
 class ShapeImages(Dataset):
-    """The shapes world (`maskkit.data.pairs.ShapesWorld`) as an image set: images, per-pixel masks
+    """The shapes world (`maskkit.data.shapes.ShapesWorld`) as an image set: images, per-pixel masks
     (class = shape kind) and the first shape's (colour, kind) class as label; captions left out."""
 
     def __init__(self, split: str, count: int, image_size: int, channels: int):
-        from maskkit.data.pairs import ShapesWorld
-
         self.world = ShapesWorld("train" if split in ("train", "all") else "val", count if split != "test" else 4 * count,
                                  image_size, channels)
 
@@ -391,20 +357,3 @@ def labelled_dataset(cfg: DataConfig, split: str) -> Dataset:
     return Indexed(Digits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
 
 
-def collate(items: list[dict | Unreadable]) -> dict:
-    """Stack items into a batch dict; unreadable items are dropped and their paths listed in "unreadable".
-
-    A batch of only unreadable items has no tensors at all, just "unreadable".
-    """
-    kept = [item for item in items if not isinstance(item, Unreadable)]
-    # A mixture's members can carry different extras (a shapes image has a mask, a photo has none):
-    # the batch keeps what every item has.
-    keys = [key for key in kept[0] if all(key in item for item in kept)] if kept else []
-    batch = {key: torch.stack([item[key] for item in kept]) for key in keys}
-    batch["unreadable"] = [item.path for item in items if isinstance(item, Unreadable)]
-    return batch
-
-
-def batch_size_of(batch: dict) -> int:
-    """The number of readable samples in a collated batch."""
-    return len(batch["index"]) if "index" in batch else 0

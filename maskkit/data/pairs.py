@@ -1,8 +1,8 @@
 """Image-text pairs that need no download: a generated shapes world and captioned digits, plus the user's
 own pairs as a CSV/TSV of (image path, caption), as open_clip reads them.
 
-`shapes`: 32-64 px images of 1-3 coloured shapes of several kinds, sizes and positions, each with a
-compositional caption ("a small red circle left of a large blue square") and a per-pixel segmentation
+`shapes` (generated in `shapes.py`): 32-64 px images of 1-3 coloured shapes of several kinds, sizes and
+positions, each with a compositional caption ("a small red circle left of a large blue square") and a per-pixel segmentation
 mask (class = shape kind; DenseCL's dense probe uses it). Some (colour, kind) combinations never occur in
 training: the held-out split shows them alone, so zero-shot accuracy on it measures composition.
 
@@ -18,30 +18,23 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from maskkit.data.images import (
-    Digits,
-    ImageFolder,
+from maskkit.data.common import (
     Indexed,
     Unreadable,
+    check_crop_scale,
+    check_normalisation,
     collate,
     report_unreadable,
     take_split,
-    to_channels,
 )
+from maskkit.data.images import Digits, ImageFolder
+from maskkit.data.shapes import COLOURS, ShapesWorld, caption
 from maskkit.data.tokenizer import Tokenizer, build_tokenizer
 from maskkit.errors import MaskkitError, require, require_float, require_int
-from maskkit.rng import Stream, sample_keys, uniform
 
 log = logging.getLogger("maskkit")
 
 PAIR_SETS = ("shapes", "digits", "csv", "shards")
-COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
-           "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.2, 0.8), "white": (0.95, 0.95, 0.95)}
-KINDS = ("circle", "square", "triangle", "cross")
-# (colour, kind) pairs that never appear in training; the held-out split shows exactly these, alone.
-HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square"),
-            ("purple", "circle"), ("white", "triangle"))
-CLASS_NAMES = tuple(f"{colour} {kind}" for colour in COLOURS for kind in KINDS)   # shapes' zero-shot classes
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -67,8 +60,6 @@ class PairDataConfig:
 
 
 def check_pair_data(d: PairDataConfig, source: str) -> None:
-    from maskkit.config import check_crop_scale, check_normalisation
-
     require(d.name in PAIR_SETS, source, "data.name", d.name, f"one of {', '.join(PAIR_SETS)} for data.kind=pairs")
     require(d.name not in ("csv", "shards") or bool(d.path), source, "data.path", d.path,
             "a .csv/.tsv file (data.name=csv) or a folder or glob of .tar shards (data.name=shards)")
@@ -81,111 +72,6 @@ def check_pair_data(d: PairDataConfig, source: str) -> None:
     require_int(source, "data.num_workers", d.num_workers, 0, 256)
     check_normalisation(d, source)
     check_crop_scale(source, "data.crop_scale", d.crop_scale)
-
-
-# The shapes world
-
-
-@dataclass
-class Shape:
-    kind: str
-    colour: str
-    size: str         # small | large
-    x: float          # centre, as a fraction of the image side
-    y: float
-
-
-def _draw(shape: Shape, side: int) -> torch.Tensor:
-    """(side, side) bool: the pixels the shape covers."""
-    radius = (0.12 if shape.size == "small" else 0.2) * side
-    coords = torch.arange(side, dtype=torch.float32) + 0.5
-    dy, dx = coords[:, None] - shape.y * side, coords[None, :] - shape.x * side
-    if shape.kind == "circle":
-        return dx**2 + dy**2 <= radius**2
-    if shape.kind == "square":
-        return (dx.abs() <= radius * 0.85) & (dy.abs() <= radius * 0.85)
-    if shape.kind == "triangle":   # apex up: the half-width grows from 0 at the top to `radius` at the base
-        return (dy >= -radius) & (dy <= radius) & (dx.abs() <= (dy + radius) / 2)
-    arm = radius / 3
-    return ((dx.abs() <= arm) & (dy.abs() <= radius)) | ((dy.abs() <= arm) & (dx.abs() <= radius))
-
-
-def _describe(shape: Shape, u: float) -> str:
-    words = [shape.colour, shape.kind] if u < 0.4 else [shape.size, shape.colour, shape.kind]
-    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
-
-
-def caption(shapes: list[Shape], u: list[float]) -> str:
-    """A compositional caption: the shapes, and for two of them where the first is relative to the second."""
-    if len(shapes) == 1:
-        return _describe(shapes[0], u[0])
-    first, second = shapes[0], shapes[1]
-    if len(shapes) == 2:
-        dx, dy = first.x - second.x, first.y - second.y
-        relation = ("left of" if dx < 0 else "right of") if abs(dx) >= abs(dy) else ("above" if dy < 0 else "below")
-        return f"{_describe(first, u[0])} {relation} {_describe(second, u[1])}"
-    names = [_describe(s, v) for s, v in zip(shapes, u, strict=False)]
-    return f"{names[0]}, {names[1]} and {names[2]}"
-
-
-class ShapesWorld(Dataset):
-    """Item i is a fixed function of (seed, split, i): 1-3 shapes, a caption and a segmentation mask.
-
-    Splits: "train" (1-3 shapes, never a HELD_OUT (colour, kind) pair), "val" (more scenes like those,
-    for retrieval), "test" (single shapes of exactly the HELD_OUT pairs: composition never seen) and
-    "seen" (single shapes of the other pairs). "label" is the first shape's (colour, kind) class,
-    `CLASS_NAMES[label]`; mask values are 0 background, 1 + KINDS.index(kind).
-    """
-
-    SPLITS = {"train": 0, "test": 1, "seen": 2, "val": 3}     # each split draws its scenes from its own stream
-
-    def __init__(self, split: str, num_samples: int, image_size: int, channels: int = 3, seed: int = 0):
-        if split == "all":
-            split = "train"
-        self.split, self.image_size, self.channels, self.seed = split, image_size, channels, seed
-        self.num = num_samples if split == "train" else max(len(HELD_OUT) * 4, num_samples // 4)
-        self.colours = list(COLOURS)
-        self.seen = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in HELD_OUT]
-
-    def __len__(self) -> int:
-        return self.num
-
-    def scene(self, i: int) -> list[Shape]:
-        epoch = self.SPLITS[self.split]
-        u = uniform(sample_keys(self.seed, torch.tensor([epoch]), torch.tensor([i])), (64,), Stream.SCENE)[0].tolist()
-        if self.split in ("test", "seen"):
-            colour, kind = HELD_OUT[i % len(HELD_OUT)] if self.split == "test" else self.seen[i % len(self.seen)]
-            return [Shape(kind, colour, "small" if u[0] < 0.5 else "large", 0.3 + 0.4 * u[1], 0.3 + 0.4 * u[2])]
-        count = 1 + int(u[0] * 3)
-        shapes, k = [], 1
-        while len(shapes) < count:
-            u_colour, u_kind, u_size, u_x, u_y = u[k : k + 5]
-            k += 5
-            colour, kind = self.colours[int(u_colour * len(COLOURS))], KINDS[int(u_kind * len(KINDS))]
-            if (colour, kind) in HELD_OUT:
-                if k + 5 <= 58:
-                    continue                       # draw again: this pair is kept for the held-out split
-                colour = next(c for c in self.colours if (c, kind) not in HELD_OUT)
-            # Spread the shapes over the width so that relations ("left of") are unambiguous.
-            x = (len(shapes) + 0.5 + 0.3 * (u_x - 0.5)) / count if count > 1 else 0.3 + 0.4 * u_x
-            shapes.append(Shape(kind, colour, "small" if u_size < 0.5 else "large", x, 0.3 + 0.4 * u_y))
-        order = sorted(range(count), key=lambda j: u[58 + j])     # which shape the caption names first
-        return [shapes[j] for j in order]
-
-    def __getitem__(self, i: int) -> dict:
-        shapes = self.scene(i)
-        side = self.image_size
-        u = uniform(sample_keys(self.seed, torch.tensor([7 + self.SPLITS[self.split]]), torch.tensor([i])), (4,),
-                    Stream.SCENE)[0].tolist()
-        image = torch.full((3, side, side), 0.08) + 0.04 * torch.rand(
-            3, side, side, generator=torch.Generator().manual_seed(int(u[0] * 2**31)))
-        mask = torch.zeros(side, side, dtype=torch.long)
-        for shape in shapes:
-            covered = _draw(shape, side)
-            image[:, covered] = torch.tensor(COLOURS[shape.colour])[:, None]
-            mask[covered] = 1 + KINDS.index(shape.kind)
-        return {"images": to_channels(image.clamp(0, 1), self.channels), "text": caption(shapes, u[1:]),
-                "label": torch.tensor(CLASS_NAMES.index(f"{shapes[0].colour} {shapes[0].kind}")), "mask": mask}
 
 
 class CaptionedDigits(Dataset):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from maskkit.data.images import Indexed
+from maskkit.data.common import Indexed
 from maskkit.data.tokenizer import Tokenizer, build_text_tokenizer
 from maskkit.errors import MaskkitError, require, require_int
 
@@ -320,7 +320,7 @@ def collate_blocks(items: list[dict]) -> dict:
 
 def prepare_text(batch: dict, keys: torch.Tensor, device: torch.device) -> dict:
     """The data layer's `prepare` for text: the batch is already tokenised; move it and attach the keys."""
-    from maskkit.data import to_device
+    from maskkit.data.common import to_device
 
     batch = to_device(batch, device)
     batch["seed"] = keys

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskkit.data.pairs import KINDS, ShapesWorld
+from maskkit.data.shapes import KINDS, ShapesWorld
 from maskkit.nn.transformer import ViT
 
 NUM_CLASSES = 1 + len(KINDS)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from maskkit.data.images import batch_size_of, collate, report_unreadable
+from maskkit.data.common import batch_size_of, collate, report_unreadable
 from maskkit.errors import MaskkitError
 
 

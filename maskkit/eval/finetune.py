@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from maskkit.config import OptimConfig
 from maskkit.data.augment import ImageAugment
-from maskkit.data.images import batch_size_of, collate
+from maskkit.data.common import batch_size_of, collate
 from maskkit.eval.features import extract_features
 from maskkit.nn.transformer import ViT
 from maskkit.rng import Stream, sample_keys, scalar_seed

@@ -130,7 +130,8 @@ def load_method(source: Path):
 def evaluate_two_towers(method, cfg: Config, protocol: str, device="cpu", seed: int = 0) -> dict:
     """Zero-shot classification or retrieval for `method` and for the same model with random weights."""
     from maskkit.data import build_data
-    from maskkit.data.pairs import CLASS_NAMES, DIGIT_NAMES
+    from maskkit.data.pairs import DIGIT_NAMES
+    from maskkit.data.shapes import CLASS_NAMES
     from maskkit.eval.zero_shot import DIGIT_TEMPLATES, SHAPE_TEMPLATES, retrieval_recall, zero_shot_accuracy
 
     device = _device(device)

@@ -125,10 +125,10 @@ class DenseCL(MoCo):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        from maskkit.train import distributed
+        from maskkit import collectives
 
         if self._pending_dense:
-            dense = distributed.all_gather_no_grad(torch.cat(self._pending_dense))
+            dense = collectives.all_gather_no_grad(torch.cat(self._pending_dense))
             start = int(self.queue_pointer) % len(self.dense_queue)    # the pointer the global queue uses
             self.dense_queue[start : start + len(dense)] = dense
         self._pending_dense = []

@@ -6,7 +6,7 @@ by K steps of gradient descent on the input (Sec 3.1, Eq. 2): x_{k+1} = x_k - al
 learnable step size alpha (stored as log alpha, initialised at 0.1). Training matches every step's
 restoration to the clean image (SmoothL1, beta = 1, summed over the steps). There is no decoder: the
 backward pass of the network is the "decoder". The pretexts (Sec 3.2) are masked image modelling, patch
-sorting, super-resolution, denoising and colorization (`maskkit.data.corruptions`).
+sorting, super-resolution, denoising and colorization (`maskkit.nn.corruptions`).
 
 The inner gradient is taken with `create_graph=True`: the loss depends on the network's weights only
 through dE/dx, so without the second-order graph only alpha would get a gradient (the mistake of the
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskkit.data.corruptions import CORRUPTIONS, corrupt
 from maskkit.errors import require, require_float, require_int
 from maskkit.files import image_grid
 from maskkit.methods.base import Method, MethodOutput
+from maskkit.nn.corruptions import CORRUPTIONS, corrupt
 from maskkit.nn.transformer import ViT, ViTConfig, double_backward_safe
 
 

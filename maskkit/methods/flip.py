@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskkit.collectives import all_gather_with_grad
 from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
 from maskkit.nn.masking import random_masking
 from maskkit.nn.transformer import TextConfig, TextTransformer, ViT, ViTConfig
 from maskkit.rng import Stream, uniform
-from maskkit.train.distributed import all_gather_with_grad
 
 
 @dataclass

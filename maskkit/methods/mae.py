@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from maskkit.data.images import DataConfig
 from maskkit.errors import require, require_float, require_int
 from maskkit.files import image_grid
 from maskkit.methods.base import Method, MethodOutput
@@ -32,7 +31,7 @@ class MAEConfig:
     mask_ratio: float = 0.75         # Sec 3: "a high masking ratio (e.g., 75%)"
     norm_pix_loss: bool = True       # Sec 3 / Table 1d: per-patch normalised pixels improve features
 
-    def check(self, data: DataConfig, source: str) -> None:
+    def check(self, data, source: str) -> None:
         """Each field's valid range, and the encoder against the images the data section delivers."""
         enc = self.encoder
         enc.check(source, "model.encoder")

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskkit import collectives
 from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
 from maskkit.nn.transformer import ViT, ViTConfig
-from maskkit.train import distributed
 
 
 @dataclass
@@ -114,7 +114,7 @@ class MoCo(Method):
             for key_param, param in zip(copy_module.parameters(), module.parameters(), strict=True):
                 key_param.mul_(m).add_(param.detach(), alpha=1 - m)
         if self._pending_keys:
-            self.enqueue(distributed.all_gather_no_grad(torch.cat(self._pending_keys)))
+            self.enqueue(collectives.all_gather_no_grad(torch.cat(self._pending_keys)))
         self._pending_keys = []
 
     @torch.no_grad()

@@ -1,4 +1,6 @@
-"""Everything that talks across ranks, in one place.
+"""The loop's side of running on several ranks: joining the process group, the device, the DDP wrapper,
+gradient synchronisation and clipping. The collectives themselves (gathers, reductions) are in
+`maskkit.collectives`, which methods use too.
 
 `torchrun --nproc_per_node N -m maskkit train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
 maskkit runs as a single process and every function here is a no-op.
@@ -79,55 +81,3 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     holds the same gradients, so every rank clips alike); returns the norm before clipping."""
     module = model.module if hasattr(model, "module") else model
     return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks along dim 0; gradients flow back to each rank's own slice.
-
-    Built on the functional collectives (the autograd-aware `all_gather_tensor_autograd`), which
-    replace the deprecated `torch.distributed.nn.functional.all_gather`.
-    """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
-
-    return wait_tensor(all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
-
-
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks along dim 0, in rank order, without gradient (keys for a queue)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, without gradient (for logging and agreeing on a decision)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return all_reduce_sum(x) / dist.get_world_size()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, without gradient (e.g. sample counts that every rank must agree on)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def union_of_sets(items: set[str]) -> set[str]:
-    """The union of a set of strings over ranks (e.g. the paths of unreadable files each rank met)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return set(items)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(items))
-    return set().union(*gathered)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -7,6 +7,7 @@ logs and checkpoints. All per-sample randomness (crops, flips, masks) is seeded 
 """
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -19,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from maskkit.config import Config, config_changes, config_to_dict, save_config
+from maskkit import collectives
+from maskkit.config import Config, apply_overrides, config_changes, config_from_dict, config_to_dict, save_config
 from maskkit.data import Data, build_data
-from maskkit.data.images import batch_size_of, report_unreadable
+from maskkit.data.common import batch_size_of, report_unreadable
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.methods import build_method
@@ -101,6 +103,18 @@ def _metrics_writer(run_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a run was started with (from its latest checkpoint), with `overrides` applied."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints" / "latest").is_file():
+        raise MaskkitError(f"no checkpoint in {run_dir} to resume from; start the run without --resume")
+    found = checkpoint.find_checkpoint(run_dir)
+    saved = checkpoint.read_state(found).get("config")
+    if not isinstance(saved, dict):
+        raise MaskkitError(f"{found / 'state.json'} holds no config to resume with")
+    return config_from_dict(apply_overrides(copy.deepcopy(saved), list(overrides)), source=str(found / "state.json"))
 
 
 def check_resume_config(cfg: Config, saved: dict, run_dir: Path) -> None:
@@ -204,7 +218,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             # decisions from them (which micro-batches run, how losses are weighted), so none waits alone.
             counts = torch.tensor([batch_size_of(b) for b in micro_batches], dtype=torch.float64)
             # One process needs no exchange (and no host-device round trip on a GPU every step).
-            global_counts = distributed.all_reduce_sum(counts.to(info.device)).cpu() if info.enabled else counts
+            global_counts = collectives.all_reduce_sum(counts.to(info.device)).cpu() if info.enabled else counts
             total = float(global_counts.sum())
             running = [m for m in range(tcfg.accumulation_steps) if global_counts[m] > 0]
             step_loss = torch.zeros((), device=info.device)
@@ -236,7 +250,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 if info.is_main:
                     log.warning("step %d: every image of the batch was unreadable; no update", step)
             else:
-                step_loss = distributed.all_reduce_mean(step_loss)
+                step_loss = collectives.all_reduce_mean(step_loss)
                 loss_value = float(step_loss)
                 if not math.isfinite(loss_value):
                     latest = run_dir / "checkpoints" / "latest"
@@ -277,7 +291,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
         if writer is not None:
             writer.close()
 
-    unreadable = distributed.union_of_sets(unreadable)
+    unreadable = collectives.union_of_sets(unreadable)
     backbone_path = None
     if info.is_main and step == tcfg.steps:
         for name, (module, module_cfg) in method.exports().items():
@@ -288,7 +302,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
             method.save_figures(prepare(data, last_batch, tcfg.seed, info.device), run_dir, data.denormalize)
     if info.is_main and unreadable:
         log.warning("skipped %d unreadable image files during training (each named above)", len(unreadable))
-    distributed.barrier()
+    collectives.barrier()
     return TrainResult(run_dir=run_dir, final_step=step, final_loss=final_loss, backbone_path=backbone_path)
 
 

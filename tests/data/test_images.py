@@ -7,16 +7,8 @@ import torch
 from PIL import Image
 
 from maskkit.data.augment import ImageAugment
-from maskkit.data.images import (
-    DataConfig,
-    Digits,
-    ImageFolder,
-    Indexed,
-    batch_size_of,
-    build_image_dataset,
-    collate,
-    labelled_dataset,
-)
+from maskkit.data.common import Indexed, batch_size_of, collate
+from maskkit.data.images import DataConfig, Digits, ImageFolder, build_image_dataset, labelled_dataset
 from maskkit.errors import MaskkitError
 
 

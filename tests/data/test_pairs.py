@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from maskkit.data import build_data
-from maskkit.data.pairs import COLOURS, HELD_OUT, KINDS, CaptionFile, PairDataConfig, ShapesWorld
+from maskkit.data.pairs import CaptionFile, PairDataConfig
+from maskkit.data.shapes import COLOURS, HELD_OUT, KINDS, ShapesWorld
 from maskkit.data.tokenizer import Tokenizer
 from maskkit.errors import MaskkitError
 

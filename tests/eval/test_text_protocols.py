@@ -21,6 +21,7 @@ from maskkit.eval.text import (
     sequence_log_prob,
 )
 from maskkit.nn.transformer import TextConfig, TextTransformer
+from tests.helpers import SUMMATION_ORDER, assert_close_at_scale
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=16)
 CONTENT = range(5, 16)       # the non-special token ids
@@ -71,7 +72,7 @@ def test_seq2seq_mask_through_a_transformer():
         other, *_ = model.hidden([changed_source], [target], close=True)
     first_target = 5                                    # [CLS] s1 s2 s3 [SEP] | t1 ...
     # The source and the first two target tokens do not see what follows them ...
-    assert torch.allclose(out[0, : first_target + 2], out[1, : first_target + 2], atol=1e-5)
+    assert_close_at_scale(out[0, : first_target + 2], out[1, : first_target + 2], SUMMATION_ORDER)
     # ... but the later target tokens do, and everything sees the source.
     assert (out[0, first_target + 2 :] - out[1, first_target + 2 :]).abs().max() > 1e-2
     assert ((out[0] - other[0]).abs().amax(-1) > 1e-4).all()     # float32 noise is ~1e-6
@@ -79,7 +80,7 @@ def test_seq2seq_mask_through_a_transformer():
     with torch.no_grad():
         alone, *_ = model.hidden([source], [target[:2]], close=False)
         padded, *_ = model.hidden([source, source], [target[:2], target], close=False)
-    assert torch.allclose(alone[0], padded[0, : alone.shape[1]], atol=1e-5)
+    assert_close_at_scale(alone[0], padded[0, : alone.shape[1]], SUMMATION_ORDER)
 
 
 def contains_seven(count: int, seed: int) -> TextExamples:
@@ -189,14 +190,14 @@ def test_beam_search_is_greedy_at_one_and_never_worse():
     beam, beam_scores = beam_search(model, sources, beam_size=4, max_target_length=5, batch_size=16)
 
     assert beam1 == greedy
-    assert torch.allclose(torch.tensor(beam1_scores), torch.tensor(greedy_scores), atol=1e-4)
+    assert_close_at_scale(torch.tensor(beam1_scores), torch.tensor(greedy_scores), SUMMATION_ORDER)
     # Scores recomputed by teacher forcing, independently of the searches: [SEP] is part of the sequence
     # when the prediction stopped before the length limit.
     closed = lambda outputs: [out + [SPECIAL.sep] if len(out) < 5 else out for out in outputs]
     greedy_log_prob = sequence_log_prob(model, sources, closed(greedy))
     beam_log_prob = sequence_log_prob(model, sources, closed(beam))
-    assert torch.allclose(greedy_log_prob, torch.tensor(greedy_scores), atol=1e-4)
-    assert torch.allclose(beam_log_prob, torch.tensor(beam_scores), atol=1e-4)
+    assert_close_at_scale(greedy_log_prob, torch.tensor(greedy_scores), SUMMATION_ORDER)
+    assert_close_at_scale(beam_log_prob, torch.tensor(beam_scores), SUMMATION_ORDER)
     assert (beam_log_prob >= greedy_log_prob - 1e-4).all()
     assert (beam_log_prob > greedy_log_prob + 1e-3).any(), "the test should include a case where beam search helps"
 

@@ -12,12 +12,12 @@ from maskkit.interop.hf import (
     mae_to_hf_state_dict,
     save_hf_vitmae,
 )
+from tests.helpers import FLOAT32_PARITY, assert_close_at_scale
 from tests.interop.random_weights import randomize_
 
 transformers = pytest.importorskip("transformers")
 modeling_vit_mae = pytest.importorskip("transformers.models.vit_mae.modeling_vit_mae")
 
-ATOL = 1e-5
 TINY = {
     "image_size": 32,
     "patch_size": 4,
@@ -71,8 +71,8 @@ def assert_same_outputs(mae, hf) -> float:
         ours = mae({"images": images, "noise": noise})
         theirs = hf(pixel_values=images, noise=noise)
     torch.testing.assert_close(ours.extras["mask"], theirs.mask, atol=0, rtol=0)
-    torch.testing.assert_close(ours.extras["pred"], theirs.logits, atol=ATOL, rtol=0)
-    torch.testing.assert_close(ours.loss, theirs.loss, atol=ATOL, rtol=0)
+    assert_close_at_scale(ours.extras["pred"], theirs.logits, FLOAT32_PARITY)
+    assert_close_at_scale(ours.loss, theirs.loss, FLOAT32_PARITY)
     return max((ours.extras["pred"] - theirs.logits).abs().max().item(), (ours.loss - theirs.loss).abs().item())
 
 
@@ -102,7 +102,7 @@ def test_maskkit_to_hf_round_trip():
     fresh = transformers.ViTMAEForPreTraining(hf_config_from_mae(mae.cfg)).eval()
     fresh.load_state_dict(mae_to_hf_state_dict(mae.state_dict(), mae.cfg), strict=True)
     for key, value in hf.state_dict().items():
-        torch.testing.assert_close(fresh.state_dict()[key], value, atol=ATOL, rtol=0, msg=key)
+        assert_close_at_scale(fresh.state_dict()[key], value, FLOAT32_PARITY, msg=key)
     assert_same_outputs(mae, fresh)
     assert mae_config_from_hf(fresh.config) == mae.cfg
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from maskkit.errors import MaskkitError
 from maskkit.interop.hf_xlnet import backbone_state_from_hf, load_hf_xlnet, xlnet_config_from_hf
 from maskkit.methods.xlnet import XLNet, XLNetModel
+from tests.helpers import FLOAT32_PARITY, assert_close_at_scale
 from tests.interop.random_weights import randomize_
 
 transformers = pytest.importorskip("transformers")
-ATOL = 1e-5
 
 
 def random_xlnet(seed: int = 0, mem_len: int | None = None, **overrides):
@@ -49,7 +49,7 @@ def test_query_stream_logits_match_hf(length, with_segments):
         ours = method.lm_logits(query)
     assert mems is None and ours.shape == theirs.shape == (3, 3, 60)
     assert theirs.abs().max() > 1.0                   # unit-scale weights: a wrong term would move it by ~1
-    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert_close_at_scale(ours, theirs, FLOAT32_PARITY)
 
 
 def test_second_segment_with_memory_matches_hf():
@@ -69,8 +69,8 @@ def test_second_segment_with_memory_matches_hf():
         without_memory, _ = method.model.forward_two_stream(next_ids, next_perm, next_mapping, token_type_ids=next_types)
     for ours_mem, hf_mem in zip(mems, first.mems, strict=True):             # HF keeps mems (L, B, D)
         assert ours_mem.shape == (3, 5, 32) and not ours_mem.requires_grad
-        torch.testing.assert_close(ours_mem, hf_mem.transpose(0, 1), atol=ATOL, rtol=0)
-    torch.testing.assert_close(method.lm_logits(query), second.logits, atol=ATOL, rtol=0)
+        assert_close_at_scale(ours_mem, hf_mem.transpose(0, 1), FLOAT32_PARITY)
+    assert_close_at_scale(method.lm_logits(query), second.logits, FLOAT32_PARITY)
     assert (method.lm_logits(without_memory) - second.logits).abs().max() > 1e-2   # the memory mattered
 
 
@@ -85,7 +85,7 @@ def test_content_stream_matches_hf_with_padding():
         theirs = hf.transformer(input_ids=ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                 use_mems=False).last_hidden_state
         ours = model(ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert_close_at_scale(ours, theirs, FLOAT32_PARITY)
 
 
 def test_state_dict_of_an_existing_method_and_errors():
@@ -117,7 +117,7 @@ def test_loads_a_saved_directory_and_names_a_bad_one(tmp_path):
     with torch.no_grad():
         theirs = hf(input_ids=ids, perm_mask=perm_mask, target_mapping=mapping, use_mems=False).logits
         ours = method.lm_logits(method.model.forward_two_stream(ids, perm_mask, mapping)[0])
-    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert_close_at_scale(ours, theirs, FLOAT32_PARITY)
     with pytest.raises(MaskkitError, match="not a directory"):
         load_hf_xlnet(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

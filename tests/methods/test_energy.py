@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from maskkit.config import config_from_dict
-from maskkit.data.corruptions import CORRUPTIONS, corrupt, shuffle
 from maskkit.errors import MaskkitError
 from maskkit.methods.energy import Energy, EnergyConfig
+from maskkit.nn.corruptions import CORRUPTIONS, corrupt, shuffle
 from maskkit.nn.transformer import ViTConfig
 from maskkit.rng import sample_keys
 from maskkit.train.loop import train

@@ -12,7 +12,9 @@ from maskkit.nn.transformer import ViTConfig
 from maskkit.train.loop import train
 from tests.conftest import deep_update
 from tests.helpers import (
+    SUMMATION_ORDER,
     assert_bitwise_equal,
+    assert_close_at_scale,
     assert_same_weights,
     first_step,
     resumed_and_straight,
@@ -69,9 +71,9 @@ def test_four_micro_batches_give_the_gradients_queue_and_key_encoder_of_one_batc
     micro = first_step(config_from_dict(moco_config_dict(train={"accumulation_steps": 4})), tmp_path / "micro",
                        monkeypatch)
     for name in whole[0]:
-        torch.testing.assert_close(micro[0][name], whole[0][name], rtol=1e-4, atol=1e-7, msg=name)
+        assert_close_at_scale(micro[0][name], whole[0][name], SUMMATION_ORDER, msg=name)
     for name in ("queue", "queue_pointer", "key_encoder.blocks.0.attn.qkv.weight", "key_head.0.weight"):
-        torch.testing.assert_close(micro[1][name], whole[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_at_scale(micro[1][name], whole[1][name], SUMMATION_ORDER, msg=name)
     assert int(whole[1]["queue_pointer"]) == 16           # all four micro-batches' keys, after the step
 
 

@@ -12,7 +12,7 @@ from maskkit.errors import MaskkitError
 from maskkit.methods.mlm import token_cross_entropy
 from maskkit.methods.xlnet import XLNet, XLNetConfig, XLNetModel, sample_permutation, segment_ids, target_mapping
 from maskkit.rng import sample_keys
-from tests.helpers import fit_one_batch
+from tests.helpers import SUMMATION_ORDER, assert_close_at_scale, fit_one_batch
 from tests.interop.random_weights import randomize_
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=64)
@@ -198,8 +198,8 @@ def test_content_stream_ignores_padding_and_takes_an_explicit_mask():
         with_padding = model(padded, attention_mask=attention_mask)
         causal = model(ids, attn_mask=torch.ones(10, 10, dtype=torch.bool).tril()[None])
         prefix = model(ids[:, :6], attn_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool).tril())
-    torch.testing.assert_close(with_padding[:, :10], alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(causal[:, :6], prefix, atol=1e-5, rtol=0)    # relative positions: a prefix is a prefix
+    assert_close_at_scale(with_padding[:, :10], alone, SUMMATION_ORDER)
+    assert_close_at_scale(causal[:, :6], prefix, SUMMATION_ORDER)    # relative positions: a prefix is a prefix
     with pytest.raises(MaskkitError, match="attn_mask"):
         model(ids, attn_mask=torch.ones(1, 9, 9, dtype=torch.bool))
 
@@ -237,7 +237,7 @@ def test_segments_carry_memory_without_gradient():
     token_cross_entropy(torch.cat([first_logits, second_logits]), torch.cat([first_labels, second_labels]),
                         torch.cat([first_samples, second_samples]), 3, first_logits)[0][0].backward()
     for name, p in method.named_parameters():
-        torch.testing.assert_close(p.grad, through_method[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert_close_at_scale(p.grad, through_method[name], SUMMATION_ORDER, msg=name)
 
     with torch.no_grad():                                                   # and the memory is used
         without = method.predict_chunk(ids[:, 12:], attention_mask[:, 12:], keys, 1, None)[0]

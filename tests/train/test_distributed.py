@@ -16,8 +16,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file
 
+from maskkit import collectives
 from maskkit.config import config_from_dict
-from maskkit.data.images import Unreadable, build_image_dataset
+from maskkit.data.common import Unreadable
+from maskkit.data.images import build_image_dataset
 from maskkit.train import checkpoint, distributed
 from maskkit.train.loop import StepSampler, train
 from tests.conftest import tiny_config_dict
@@ -47,7 +49,7 @@ def _rank_main(rank, world_size, init_file, run_dir, cfg_dict):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     train(config_from_dict(cfg_dict), run_dir, progress=False)
-    gathered = distributed.all_gather_with_grad(torch.full((2,), float(rank)))
+    gathered = collectives.all_gather_with_grad(torch.full((2,), float(rank)))
     assert torch.equal(gathered, torch.tensor([0.0, 0.0, 1.0, 1.0]))
     distributed.cleanup()
 
