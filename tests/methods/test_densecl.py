@@ -49,7 +49,7 @@ def test_geometric_correspondence_of_a_view_shifted_by_k_patches(shift, flip_key
 
 
 def test_matching_depends_on_backbone_tokens_not_on_the_dense_head():
-    cfg = config_from_dict(moco_config_dict(method="densecl"))
+    cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": "features"}))
     torch.manual_seed(0)
     model = DenseCL(cfg.model).eval()
     batch = {"images": torch.randn(4, 3, 16, 16), "images2": torch.randn(4, 3, 16, 16)}
@@ -72,7 +72,7 @@ def test_feature_positives_follow_content_not_grid_cells():
     # Without positions the ViT is equivariant to permuting its tokens, so when the key view shows the
     # query's patches shuffled, the position-free argmax finds each patch where it moved (Sec 3.3). With
     # the sin-cos embedding in the features (the old matching) the same grid cell wins instead.
-    cfg = config_from_dict(moco_config_dict(method="densecl"))
+    cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": "features"}))
     torch.manual_seed(0)
     model = DenseCL(cfg.model).eval()
     images = 0.5 + 0.1 * torch.rand(2, 3, 16, 16)      # low contrast, like the shapes world's background
