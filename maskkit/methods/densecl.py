@@ -19,14 +19,14 @@ Positives, `model.positives` (Sec 3.3, "dense correspondence"):
   the same weights, content and context only (two extra forward passes).
 - "geometric" (the default): the true correspondence from the two crop boxes and flips
   (`geometric_correspondence`); query tokens whose centre falls outside the key view have no positive
-  and are left out of the dense loss. Not the paper's procedure (DenseCL avoids needing the
-  augmentation's geometry), but the positives the paper's matching is meant to find.
+  and add nothing to the dense loss (which still averages over all tokens: see `dense_info_nce`). Not
+  the paper's procedure (DenseCL avoids needing the augmentation's geometry), but the positives the
+  paper's matching is meant to find.
 
 Why geometric is the default: on the shapes world (large flat backgrounds, 4 px patches) position-free
 features find the true correspondence for only 7-9% of the tokens: at init, after 300 steps of MoCo v2
 and during 300 steps of DenseCL with geometric positives (its logged `correspondence_accuracy`); the
-patch embeddings alone 12%, and
-the features with positions 15-18%, mostly from the same-cell bias. Local content is too ambiguous here
+patch embeddings alone 12%, and the features with positions 15-18%, mostly from the same-cell bias. Local content is too ambiguous here
 for the argmax to work before a long training has made tokens context-aware, and wrong positives teach
 the dense head to be invariant to the wrong thing. `features` stays available for data where the
 content is distinctive (natural images at ImageNet scale), which is where the paper measured it.
@@ -134,8 +134,7 @@ class DenseCL(MoCo):
             positive_index, valid = match, torch.ones_like(match, dtype=torch.bool)
         global_loss, accuracy = self.info_nce(query, key)
         positive = key_dense.gather(1, positive_index[..., None].expand(-1, -1, key_dense.shape[2]))   # (B, N, E)
-        # A pair of views need not overlap: then no query token has a geometric positive.
-        dense_loss = self.dense_info_nce(query_dense[valid], positive[valid]) if valid.any() else query_dense.sum() * 0
+        dense_loss = self.dense_info_nce(query_dense, positive, valid)
         weight = self.cfg.dense_weight
         if int(batch.get("step", 10**12)) < self.cfg.dense_warmup_steps:
             weight = 0.0
@@ -160,13 +159,19 @@ class DenseCL(MoCo):
         return geometric_correspondence(batch["boxes"], batch["flips"], batch["boxes2"], batch["flips2"],
                                         self.encoder.grid_size, self.cfg.encoder.image_size)
 
-    def dense_info_nce(self, query: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Per-token InfoNCE (Eq. 3) over (T, E) query tokens: positive = the matched key token, negatives =
-        the dense queue."""
-        positive_logit = (query * positive).sum(1, keepdim=True)                                # (T, 1)
-        negative_logits = query @ self.dense_queue.T                                           # (T, K)
-        logits = torch.cat([positive_logit, negative_logits], dim=1) / self.cfg.temperature
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    def dense_info_nce(self, query: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-token InfoNCE (Eq. 3) of (B, N, E) query tokens: positive = the matched key token, negatives =
+        the dense queue; averaged over all B * N tokens, those without a positive (`valid` False) adding 0.
+
+        Dividing by B * N rather than by the number of valid tokens keeps every token's weight fixed, so
+        micro-batches and ranks (which average their losses) give the loss of the whole batch.
+        """
+        positive_logit = (query * positive).sum(2, keepdim=True)                                # (B, N, 1)
+        negative_logits = query @ self.dense_queue.T                                           # (B, N, K)
+        logits = torch.cat([positive_logit, negative_logits], dim=2).flatten(0, 1) / self.cfg.temperature
+        labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        per_token = F.cross_entropy(logits, labels, reduction="none")                          # (B*N,)
+        return (per_token * valid.flatten()).sum() / valid.numel()
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -113,7 +113,10 @@ def test_geometric_positives_are_the_true_correspondence():
         key = F.normalize(model.key_dense_head(model.key_encoder.patch_tokens(model.key_encoder(batch["images2"]))), dim=2)[0]
     tokens = torch.arange(16)
     valid = tokens % 4 > 0
-    expected = model.dense_info_nce(query[valid], key[tokens[valid] - 1])
+    # By hand: each valid token's InfoNCE against its left neighbour and the queue; the others add 0.
+    logits = torch.cat([(query[valid] * key[tokens[valid] - 1]).sum(1, keepdim=True), query[valid] @ model.dense_queue.T], 1)
+    expected = F.cross_entropy(logits / cfg.model.temperature, torch.zeros(int(valid.sum()), dtype=torch.long),
+                               reduction="sum") / 16
     # Same operations on the same tensors, gathered differently: float32 rounding of a loss of order 1.
     torch.testing.assert_close(out.logs["dense_loss"], expected, rtol=1e-5, atol=1e-6 * float(expected.abs()))
 
