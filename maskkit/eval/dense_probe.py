@@ -4,6 +4,13 @@ DenseCL (Wang et al. CVPR 2021) is judged by dense tasks; here, a per-token line
 backbone tokens of shapes-world images (classes: background and the four shape kinds) is trained on one
 split and its prediction, upsampled to pixels (each token's class on its patch), scored by mean IoU
 against the exact masks of held-out images. Tokens are labelled by the class of their centre pixel.
+
+What it can tell apart (`benchmarks/dense_probe_sensitivity.py`): the patch's mean colour alone scores
+0.295 (background is dark, and each colour lacks one held-out kind), the random ViT 0.346, the same ViT
+trained supervised per token for 300 steps 0.528; labelling tokens perfectly was reported at 0.693 (the
+4 px patches cut the shapes' edges). The shape kinds need the shape around a token, which colour does
+not carry, so a backbone that encodes shape moves the score; a supervised reference trained for 150
+steps (reported at 0.408) had had half the training.
 """
 
 import torch

@@ -214,14 +214,20 @@ class ViT(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise MaskkitError(f"images of shape {tuple(images.shape)} do not match the model's (B, {', '.join(map(str, expected))})")
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, D) patch tokens with position embeddings added (before any masking)."""
+    def embed(self, images: torch.Tensor, position: bool = True) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) patch tokens with position embeddings added (before any masking).
+
+        position=False leaves the patch position embeddings out: tokens that carry content only (DenseCL
+        matches views on such features, Sec 3.3).
+        """
         self.check_images(images)
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2)   # (B, N, D)
+        if not position:
+            return tokens
         return tokens + self.pos_embed[:, -self.num_patches :].to(tokens.dtype)
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.embed(images)
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, position: bool = True) -> torch.Tensor:
+        tokens = self.embed(images, position)
         if keep is not None:
             tokens = gather_tokens(tokens, keep)                          # (B, N_keep, D)
         if self.cls_token is not None:

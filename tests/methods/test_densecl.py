@@ -3,6 +3,7 @@ depends on backbone tokens only, lambda = 0 is MoCo v2, and runs resume bitwise 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
 from maskkit.config import config_from_dict
@@ -55,7 +56,7 @@ def test_geometric_correspondence_of_a_view_shifted_by_k_patches(shift, flip_key
 
 
 def test_matching_depends_on_backbone_tokens_not_on_the_dense_head():
-    cfg = config_from_dict(moco_config_dict(method="densecl"))
+    cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": "features"}))
     torch.manual_seed(0)
     model = DenseCL(cfg.model).eval()
     batch = {"images": torch.randn(4, 3, 16, 16), "images2": torch.randn(4, 3, 16, 16)}
@@ -64,6 +65,67 @@ def test_matching_depends_on_backbone_tokens_not_on_the_dense_head():
         for p in [*model.dense_head.parameters(), *model.key_dense_head.parameters()]:
             p.normal_()
     assert torch.equal(model(batch).extras["match"], before)
+
+
+def permuted_patches(images: torch.Tensor, patch: int, order: torch.Tensor) -> torch.Tensor:
+    """The image whose token t shows patch order[t] of `images`: (B, C, H, W) -> same shape."""
+    b, c, h, w = images.shape
+    g = h // patch
+    tiles = images.view(b, c, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c, patch, patch)
+    return tiles[:, order].view(b, g, g, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def test_feature_positives_follow_content_not_grid_cells():
+    # Without positions the ViT is equivariant to permuting its tokens, so when the key view shows the
+    # query's patches shuffled, the position-free argmax finds each patch where it moved (Sec 3.3). With
+    # the sin-cos embedding in the features (the old matching) the same grid cell wins instead.
+    cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": "features"}))
+    torch.manual_seed(0)
+    model = DenseCL(cfg.model).eval()
+    images = 0.5 + 0.1 * torch.rand(2, 3, 16, 16)      # low contrast, like the shapes world's background
+    order = torch.randperm(16)
+    batch = {"images": images, "images2": permuted_patches(images, 4, order)}
+    match = model(batch).extras["match"]
+    inverse = torch.argsort(order)                       # query token t now sits at key token inverse[t]
+    assert torch.equal(match, inverse.expand(2, -1))
+    with torch.no_grad():
+        with_positions = match_tokens(model.encoder.patch_tokens(model.encoder(batch["images"])),
+                                      model.key_encoder.patch_tokens(model.key_encoder(batch["images2"])))
+    assert (with_positions == inverse).float().mean() < 0.5
+    assert (with_positions == torch.arange(16)).float().mean() > 0.5
+
+
+def test_geometric_positives_need_the_crop_boxes_and_unknown_positives_are_refused():
+    cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": "geometric"}))
+    model = DenseCL(cfg.model)
+    with pytest.raises(MaskkitError, match="model.positives=geometric needs the crop boxes"):
+        model({"images": torch.randn(2, 3, 16, 16), "images2": torch.randn(2, 3, 16, 16)})
+    with pytest.raises(MaskkitError, match="model.positives"):
+        config_from_dict(moco_config_dict(method="densecl", model={"positives": "argmax"}))
+
+
+def test_geometric_positives_are_the_true_correspondence():
+    # The key view is the query view shifted right by one patch: every query token outside the first
+    # column has its positive one token to the left, and the dense loss uses exactly those tokens.
+    cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": "geometric", "dense_weight": 1.0}))
+    torch.manual_seed(0)
+    model = DenseCL(cfg.model).eval()
+    image = torch.rand(1, 3, 16, 20)
+    q, k = corners(0, 0, 16), corners(4, 0, 16)
+    batch = {"images": crop_and_resize(image, q, (16, 16)), "images2": crop_and_resize(image, k, (16, 16)),
+             "boxes": q, "boxes2": k, "flips": torch.tensor([False]), "flips2": torch.tensor([False])}
+    out = model(batch)
+    with torch.no_grad():
+        query = F.normalize(model.dense_head(model.encoder.patch_tokens(model.encoder(batch["images"]))), dim=2)[0]
+        key = F.normalize(model.key_dense_head(model.key_encoder.patch_tokens(model.key_encoder(batch["images2"]))), dim=2)[0]
+    tokens = torch.arange(16)
+    valid = tokens % 4 > 0
+    # By hand: each valid token's InfoNCE against its left neighbour and the queue; the others add 0.
+    logits = torch.cat([(query[valid] * key[tokens[valid] - 1]).sum(1, keepdim=True), query[valid] @ model.dense_queue.T], 1)
+    expected = F.cross_entropy(logits / cfg.model.temperature, torch.zeros(int(valid.sum()), dtype=torch.long),
+                               reduction="sum") / 16
+    # Same operations on the same tensors, gathered differently: float32 rounding of a loss of order 1.
+    torch.testing.assert_close(out.logs["dense_loss"], expected, rtol=1e-5, atol=1e-6 * float(expected.abs()))
 
 
 def test_lambda_zero_is_moco_v2():
