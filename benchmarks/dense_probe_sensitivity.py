@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from maskkit.config import load_config
 from maskkit.data.augment import ImageAugment
-from maskkit.data.pairs import ShapesWorld
+from maskkit.data.shapes import ShapesWorld
 from maskkit.eval.dense_probe import NUM_CLASSES, dense_probe, token_labels
 from maskkit.nn.transformer import ViT
 
