@@ -218,6 +218,7 @@ def test_bad_values_fail_in_one_line():
     for override, key in ((("model", "inner_steps", 0), "model.inner_steps"), (("model", "alpha_init", -0.1), "model.alpha_init"),
                           (("model", "alpha_lr_scale", 0.0), "model.alpha_lr_scale"),
                           (("model", "normalize_step", "yes"), "model.normalize_step"),
+                          (("eval", "finetune_labels_per_class", -1), "eval.finetune_labels_per_class"),
                           (("model", "corruption", "blur"), "model.corruption"), (("train", "precision", "bf16"), "train.precision")):
         section, name, value = override
         with pytest.raises(MaskkitError, match=key.replace(".", r"\.")):
