@@ -165,7 +165,7 @@ def train_restoration(steps: int, **kw) -> tuple[float, float]:
     model.eval()
     corrupted, _ = corrupt("mim", clean, sample_keys(1, torch.zeros(32, dtype=torch.long), torch.arange(32)),
                            model.pixel_mean, model.pixel_std, 4)
-    restored = model.restore(corrupted, 1, create_graph=False)[0][0]
+    restored = model.restore(corrupted, 1, create_graph=False)[0][0].detach()
     return float(psnr(corrupted, clean, model.pixel_std)), float(psnr(restored, clean, model.pixel_std))
 
 
