@@ -59,6 +59,9 @@ class EvalConfig:
     finetune_epochs: int = 12        # with the crops below, 12 epochs fit digits; longer mostly lets a random init catch up
     finetune_lr: float = 1e-3
     finetune_batch_size: int = 64
+    # Fine-tune on this many labelled images of each class (a seeded choice), 0 = all: with few labels
+    # the backbone's pretraining shows, where the full digits set lets a random init catch up.
+    finetune_labels_per_class: int = 0
     # Fine-tuning's own augmentation, not data.crop_scale / data.hflip (which suit MAE pretraining): a
     # 35% crop of an upsampled 8x8 digit cuts the digit apart, and digits are not mirror-symmetric, so
     # with them the classifier could not even fit its training set. MAE (Appendix A.1, Table 9) fine-tunes
@@ -224,6 +227,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         require_int(source, f"eval.{key}", getattr(e, key), 1)
     # The probe's BatchNorm needs two samples to compute batch statistics.
     require_int(source, "eval.probe_batch_size", e.probe_batch_size, 2)
+    require_int(source, "eval.finetune_labels_per_class", e.finetune_labels_per_class, 0)
     for key in ("knn_temperature", "probe_lr", "finetune_lr"):
         require_float(source, f"eval.{key}", getattr(e, key), 0.0, low_open=True)
 

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from maskkit.config import OptimConfig
@@ -36,6 +36,22 @@ WEIGHT_DECAY = 0.05       # MAE's fine-tuning setting; norms, biases and tokens 
 BETAS = (0.9, 0.999)
 LABEL_SMOOTHING = 0.1
 WARMUP_FRACTION = 0.05    # MAE warms up for 5 of its 100 epochs
+
+
+def labels_per_class(dataset: Dataset, per_class: int, num_classes: int, seed: int = 0) -> Subset:
+    """`per_class` items of each class of `dataset` (all of a class that has fewer), chosen by `seed` alone.
+
+    Labels are read from the wrapped set's `labels` tensor when it has one (digits), else item by item.
+    """
+    inner = getattr(dataset, "dataset", dataset)
+    labels = getattr(inner, "labels", None)
+    if labels is None:
+        labels = [dataset[i]["label"] for i in range(len(dataset))]
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(scalar_seed(seed, 0, -1, Stream.ORDER))
+    chosen = [members[torch.randperm(len(members), generator=generator)[:per_class]]
+              for members in ((labels == c).nonzero().flatten() for c in range(num_classes))]
+    return Subset(dataset, torch.cat(chosen).sort().values.tolist())
 
 
 class Classifier(nn.Module):

@@ -21,7 +21,7 @@ from maskkit.data.images import labelled_dataset, labelled_name
 from maskkit.data.text import run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.eval.features import extract_features
-from maskkit.eval.finetune import finetune
+from maskkit.eval.finetune import finetune, labels_per_class
 from maskkit.eval.knn import knn_accuracy
 from maskkit.eval.linear_probe import linear_probe
 from maskkit.files import atomic_write_text
@@ -213,6 +213,9 @@ def evaluate_backbones(
         torch.manual_seed(seed)
         random_init = ViT(backbone.cfg)
     backbones = {"pretrained": copy.deepcopy(backbone).to(device), "random_init": random_init.to(device)}
+    # eval.finetune_labels_per_class > 0: a few labels of each class, the same ones for both backbones.
+    finetune_set = (labels_per_class(train_set, ecfg.finetune_labels_per_class, num_classes, seed)
+                    if ecfg.finetune_labels_per_class else train_set)
     sizes = {"num_train": len(train_set), "num_test": len(test_set)}
     results.update({protocol: {"protocol": protocol, "dataset": labelled_name(cfg.data.name), **sizes}
                     for protocol in protocols})
@@ -221,10 +224,11 @@ def evaluate_backbones(
         for protocol in protocols:
             if protocol == "finetune":
                 results[protocol][name] = finetune(
-                    model, train_set, test_set, finetune_augment, num_classes, epochs=ecfg.finetune_epochs,
+                    model, finetune_set, test_set, finetune_augment, num_classes, epochs=ecfg.finetune_epochs,
                     lr=ecfg.finetune_lr, batch_size=ecfg.finetune_batch_size, pool=ecfg.pool, seed=seed,
                     device=device, progress=progress,
                 )
+                results[protocol]["num_train"] = len(finetune_set)
                 continue
             if features is None:
                 features = (

@@ -5,7 +5,7 @@ from torch.utils.data import Subset
 
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import DataConfig, labelled_dataset
-from maskkit.eval.finetune import finetune
+from maskkit.eval.finetune import finetune, labels_per_class
 from maskkit.nn.transformer import ViT, ViTConfig
 
 
@@ -24,3 +24,13 @@ def test_finetune_learns_and_does_not_change_the_backbone():
     assert accuracy > 0.4                   # chance is 0.1; a head or labels out of step would stay there
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.training
+
+
+def test_labels_per_class_takes_that_many_of_each_class_by_the_seed_alone():
+    digits = labelled_dataset(DataConfig(name="digits", image_size=8), "train")
+    labels = digits.dataset.labels
+    chosen = labels_per_class(digits, 10, 10, seed=3)
+    assert torch.equal(torch.bincount(labels[chosen.indices], minlength=10), torch.full((10,), 10))
+    assert chosen.indices == labels_per_class(digits, 10, 10, seed=3).indices
+    assert chosen.indices != labels_per_class(digits, 10, 10, seed=4).indices
+    assert [chosen[i]["label"] for i in range(3)] == labels[chosen.indices[:3]].tolist()
