@@ -8,7 +8,7 @@ topics and a random init does as well as the pretrained models; the low-label pr
 show a difference. Runs are kept under --out and reused (a finished run is not retrained), so the evaluation
 can be repeated with other eval.* overrides.
 
-    python benchmarks/text_low_label.py --seeds 0 1 2                    # ~1 hour on 1 busy CPU thread
+    python benchmarks/text_low_label.py --seeds 0 1 2       # hours on 1 busy thread (mlm/tiny alone: 19 min)
     python benchmarks/text_low_label.py --seeds 0 --objectives mlm eval.text_epochs=5
 """
 

@@ -75,7 +75,7 @@ class EvalConfig:
     text_batch_size: int = 32
     # text-classify with few labels: fine-tune on at most this many labelled training documents, a class-stratified
     # subset fixed by data.split_seed (0 = all). With all 7,216 wiki ones a bag of words already scores ~0.85, so a
-    # randomly initialised Transformer does too; with 1,000 what pretraining learnt shows (README, Text).
+    # randomly initialised Transformer does too; 1,000 leave room for what pretraining learnt (README, Text).
     text_labels: int = 0
     seq2seq_source_length: int = 64  # tokens of the document the decoder is conditioned on
     seq2seq_target_length: int = 16  # longest generated target
