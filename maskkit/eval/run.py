@@ -323,10 +323,15 @@ def random_backbone(cfg: Config, seed: int):
 def text_classify(models: dict, cfg: Config, device="cpu", seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune each of `models` ({name: backbone}) on the labelled training documents; {name: test accuracy,
     name_curve: accuracy per epoch} with num_train, num_test, classes and the majority-class rate."""
-    from maskkit.eval.text import finetune_text_classifier
+    from maskkit.eval.text import finetune_text_classifier, stratified_subset, subset
 
     e = cfg.eval
     train, test, names = text_examples(cfg, e.text_max_length)
+    if e.text_labels:
+        if e.text_labels > len(train):
+            log.info("text-classify: eval.text_labels=%d, but the training split has %d labelled documents; using all",
+                     e.text_labels, len(train))
+        train = subset(train, stratified_subset(train.labels, e.text_labels, cfg.data.split_seed))
     log.info("text-classify: fine-tuning %d model(s) on %d classes (%d train / %d test documents)", len(models),
              len(names), len(train), len(test))
     result = {"num_train": len(train), "num_test": len(test), "classes": names,

@@ -98,6 +98,35 @@ class Seq2SeqExamples:
         return len(self.sources)
 
 
+def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted indices of `count` examples (all if fewer) with each class's share of `labels` (N,) kept.
+
+    Class c gets floor(count * n_c / N) examples and the remainder goes to the largest fractional parts (ties
+    to the lower class), so every class with n_c >= N / count appears; which of its examples is a seeded
+    permutation of that class alone. The same (labels, count, seed) always gives the same subset, so the
+    models compared on it (a pretrained backbone and its random init, several pretraining seeds) fine-tune
+    on the same documents.
+    """
+    if count >= len(labels):
+        return torch.arange(len(labels))
+    classes, sizes = torch.unique(labels, return_counts=True)
+    exact = sizes.double() * count / len(labels)
+    share = exact.floor().long()
+    remainder = count - int(share.sum())
+    order = sorted(range(len(classes)), key=lambda c: (-float(exact[c] - share[c]), c))
+    share[order[:remainder]] += 1
+    chosen = []
+    for label, size in zip(classes.tolist(), share.tolist(), strict=True):
+        members = (labels == label).nonzero().squeeze(1)
+        generator = torch.Generator().manual_seed(scalar_seed(seed, label, -1, Stream.ORDER))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:size]])
+    return torch.cat(chosen).sort().values
+
+
+def subset(examples: TextExamples, indices: torch.Tensor) -> TextExamples:
+    return TextExamples(examples.ids[indices], examples.attention_mask[indices], examples.labels[indices])
+
+
 # The shared loop.
 
 

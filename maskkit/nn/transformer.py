@@ -267,6 +267,13 @@ class TextConfig:
     causal: bool = False             # FLIP's text tower is bidirectional; CLIP's is causal
     pool: str = "cls"                # cls (first token) | mean (over real tokens) | eot (last real token, CLIP)
     activation: str = "gelu"         # gelu | quick_gelu (CLIP)
+    # BERT's LayerNorm over the summed token and position embeddings (Devlin et al. 2019, HF
+    # `embeddings.LayerNorm`, eps `norm_eps` = HF `layer_norm_eps`). Without it the blocks' residual stream
+    # starts at the embeddings' init scale (std ~0.02) while every block adds O(1) outputs, so the token
+    # identity is a small part of what the later blocks read (benchmarks/text_fidelity.py measures the
+    # cost). Off by default so that FLIP's text tower and older checkpoints (no such weights) stay as they
+    # were; the MLM and PMLM recipes (tiny and base) turn it on.
+    embedding_norm: bool = False
 
     def check(self, source: str, prefix: str = "model.text") -> None:
         require_int(source, f"{prefix}.vocab_size", self.vocab_size, 2)
@@ -280,10 +287,13 @@ class TextConfig:
         require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
         require(self.pool in ("cls", "mean", "eot"), source, f"{prefix}.pool", self.pool, "cls, mean or eot")
         require(self.activation in ACTIVATIONS, source, f"{prefix}.activation", self.activation, "gelu or quick_gelu")
+        require(isinstance(self.embedding_norm, bool), source, f"{prefix}.embedding_norm", self.embedding_norm,
+                "true or false")
 
 
 class TextTransformer(nn.Module):
-    """Token + learned position embeddings, pre-norm blocks, a final LayerNorm, and pooling.
+    """Token + learned position embeddings (LayerNorm-ed with `embedding_norm`, as BERT), pre-norm blocks, a
+    final LayerNorm, and pooling.
 
     forward(ids (B, L), attention_mask (B, L) with 1 = real token) -> (B, L, D) tokens. Padding is
     never attended to (it is masked out of every key set), so padded and unpadded captions give the
@@ -295,6 +305,7 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.position_embedding = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.dim))
+        self.embedding_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.embedding_norm else None
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps, cfg.activation)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -333,7 +344,9 @@ class TextTransformer(nn.Module):
                 raise MaskkitError(f"positions of shape {tuple(positions.shape)} do not match token ids of shape "
                                    f"{tuple(ids.shape)}")
             position_table = self.position_embedding[0, positions]        # (B, L, D) or (L, D)
-        x = self.token_embedding(ids) + position_table.to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(ids) + position_table.to(self.token_embedding.weight.dtype)   # (B, L, D)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         if attn_mask is None:
             mask = self.attention_mask(torch.ones_like(ids) if attention_mask is None else attention_mask)
         else:

@@ -223,3 +223,17 @@ def test_rouge_l_matches_rouge_score():
              ("it's 3-D and x_y", "its 3 d and x y"), ("one", "one one one"), ("", "")]
     for prediction, reference in pairs:
         assert rouge_l(prediction, reference) == pytest.approx(scorer.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def test_stratified_subset_keeps_class_shares_and_is_deterministic():
+    from maskkit.eval.text import stratified_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)[torch.randperm(100, generator=torch.Generator().manual_seed(1))]
+    chosen = stratified_subset(labels, 20, seed=7)
+    assert len(chosen) == 20 and len(set(chosen.tolist())) == 20
+    assert torch.bincount(labels[chosen], minlength=4).tolist() == [10, 6, 3, 1]      # 20 * (50, 30, 15, 5) / 100
+    assert torch.equal(chosen, stratified_subset(labels, 20, seed=7))                  # same inputs, same documents
+    assert not torch.equal(chosen, stratified_subset(labels, 20, seed=8))              # the seed picks them
+    # Shares that do not divide: floor each, the remainder to the largest fractions (7 * 0.5 = 3.5 -> 4).
+    assert torch.bincount(labels[stratified_subset(labels, 7, seed=0)], minlength=4).tolist() == [4, 2, 1, 0]
+    assert torch.equal(stratified_subset(labels, 500, seed=0), torch.arange(100))      # more than there are: all

@@ -78,3 +78,45 @@ def test_explicit_positions_and_attention_mask_reproduce_the_default_forward():
     assert_close_at_scale(out[:, 6], plain[:, 2], SUMMATION_ORDER)
     with pytest.raises(MaskkitError, match="attn_mask of shape"):
         model(ids, attn_mask=torch.ones(2, 5, 5, dtype=torch.bool))
+
+
+def test_embedding_norm_is_applied_when_on():
+    """BERT's embeddings: LayerNorm(token + position) feeds the first block. A LayerNorm makes the model blind to
+    the embeddings' scale, which the off model is not; and the norm's own affine is in the path."""
+    on, off = tiny(embedding_norm=True, norm_eps=1e-12), tiny(norm_eps=1e-12)
+    ids = torch.tensor([[1, 7, 9, 4, 3, 11]])
+    with torch.no_grad():
+        x = on.token_embedding(ids) + on.position_embedding[:, :6]
+        x = on.embedding_norm(x)
+        for block in on.blocks:
+            x = block(x)
+        by_hand = on.norm(x)
+        out = on(ids)
+        # Unit-scale outputs of a few float32 LayerNorms and matmuls: 1e-5 is ~100 ulps of them.
+        torch.testing.assert_close(out, by_hand, rtol=0, atol=1e-5 * float(by_hand.abs().max()))
+        for model in (on, off):
+            model.token_embedding.weight.mul_(10)
+            model.position_embedding.mul_(10)
+        # x10 on both embeddings changes the LayerNorm's input variance 100x; its eps 1e-12 (HF BERT's) is
+        # negligible next to the ~5e-4 variance of the init's embeddings, so the outputs agree to float32 rounding.
+        torch.testing.assert_close(on(ids), out, rtol=0, atol=1e-4 * float(out.abs().max()))
+        on.embedding_norm.weight.fill_(3.0)
+        assert not torch.allclose(on(ids), out, atol=1e-2)
+        off_before = tiny(norm_eps=1e-12)(ids)
+        assert not torch.allclose(off(ids), off_before, atol=1e-2)          # off: the scale reaches the blocks
+
+
+def test_embedding_norm_off_has_no_weights_so_older_checkpoints_load():
+    on, off = tiny(embedding_norm=True), tiny()
+    assert off.embedding_norm is None
+    assert set(on.state_dict()) - set(off.state_dict()) == {"embedding_norm.weight", "embedding_norm.bias"}
+    # A state dict from before the switch (no embedding_norm keys) loads strictly into a default model.
+    old = {k: v for k, v in on.state_dict().items() if not k.startswith("embedding_norm.")}
+    off.load_state_dict(old, strict=True)
+
+
+def test_embedding_norm_must_be_a_bool():
+    from maskkit.errors import MaskkitError
+
+    with pytest.raises(MaskkitError, match="model.text.embedding_norm"):
+        TextConfig(embedding_norm="yes").check("test.yaml")
