@@ -118,7 +118,14 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def check_resume_config(cfg: Config, saved: dict, run_dir: Path) -> None:
-    """A resumed run trains the config it was started with; only RUNTIME_KEYS may differ."""
+    """A resumed run trains the config it was started with; only RUNTIME_KEYS may differ.
+
+    A key the saved config lacks (added to maskkit after the run started) counts at its default: defaults
+    keep the earlier behaviour (new methods' switches are turned on in the recipes), so that is what the
+    run was trained with.
+    """
+    if saved:
+        saved = config_to_dict(config_from_dict(copy.deepcopy(saved), source=str(run_dir)))
     changes = config_changes(saved, config_to_dict(cfg))
     if changes:
         key, old, new = changes[0]

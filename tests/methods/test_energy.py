@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maskkit.config import config_from_dict
+from maskkit.config import config_from_dict, load_config
 from maskkit.errors import MaskkitError
 from maskkit.methods.energy import Energy, EnergyConfig, psnr
 from maskkit.nn.corruptions import CORRUPTIONS, corrupt, shuffle
@@ -18,13 +18,16 @@ from maskkit.train.loop import train
 from tests.conftest import deep_update
 from tests.helpers import assert_bitwise_equal, assert_same_weights, resumed_and_straight, train_on_two_ranks
 
+# The recipes' step (configs/energy/*.yaml); the dataclass defaults keep the earlier plain step.
+RECIPE_STEP = {"normalize_step": True, "alpha_init": 0.5, "alpha_lr_scale": 10.0}
+
 
 def energy_config_dict(**sections) -> dict:
     values = {
         "name": "energy-test",
         "method": "energy",
         "model": {"encoder": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "num_heads": 2},
-                  "inner_steps": 1},
+                  "inner_steps": 1, **RECIPE_STEP},
         "data": {"name": "photos", "image_size": 16, "photo_crops": 40},
         "optim": {"base_lr": 1e-3, "warmup_steps": 1},
         "train": {"steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 10},
@@ -32,10 +35,18 @@ def energy_config_dict(**sections) -> dict:
     return deep_update(values, sections)
 
 
+def test_the_recipes_use_the_normalised_step_and_the_defaults_the_plain_one():
+    for recipe in ("energy/tiny", "energy/vit_b16"):
+        model = load_config(recipe).model
+        assert {key: getattr(model, key) for key in RECIPE_STEP} == RECIPE_STEP, recipe
+    plain = EnergyConfig()
+    assert (plain.normalize_step, plain.alpha_init, plain.alpha_lr_scale) == (False, 0.1, 1.0)
+
+
 def tiny_energy(**kw) -> Energy:
     torch.manual_seed(0)
     encoder = ViTConfig(image_size=8, patch_size=4, dim=8, depth=2, num_heads=2)
-    return Energy(EnergyConfig(encoder=encoder, **kw))
+    return Energy(EnergyConfig(encoder=encoder, **{**RECIPE_STEP, **kw}))
 
 
 def keys(n: int) -> torch.Tensor:
@@ -151,7 +162,8 @@ def test_alpha_starts_at_alpha_init_and_learns_alpha_lr_scale_times_faster(scale
 def train_restoration(steps: int, **kw) -> tuple[float, float]:
     """(PSNR of the corrupted, of the step-1 restoration) on smooth images after `steps` AdamW steps."""
     torch.manual_seed(0)
-    model = Energy(EnergyConfig(encoder=ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2), **kw))
+    model = Energy(EnergyConfig(encoder=ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2),
+                                **{**RECIPE_STEP, **kw}))
     generator = torch.Generator().manual_seed(0)
     # Smooth images (a colour and a horizontal ramp each), so the masked patches follow from the visible ones.
     ramp = torch.linspace(-1, 1, 16).view(1, 1, 1, 16) * torch.randn(32, 1, 1, 1, generator=generator)

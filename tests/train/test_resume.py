@@ -128,3 +128,18 @@ def test_resume_is_bitwise_exact_across_epoch_boundaries(tmp_path, tiny_config):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, 10))
         assert [r["epoch"] for r in rows][-1] == pytest.approx(9 * 16 / 40)
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes_and_a_changed_key_is_still_refused(tmp_path, tiny_config):
+    """A later maskkit adds keys (at defaults that keep the earlier behaviour): the older run's state.json
+    lacks them, and --resume must neither refuse it nor let a real change through."""
+    cfg = tiny_config()
+    run = tmp_path / "run"
+    train(cfg, run, stop_at_step=3, progress=False)
+    state_file = checkpoint.find_checkpoint(run) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["eval"]["finetune_labels_per_class"]        # as a run from before that key was added
+    state_file.write_text(json.dumps(state))
+    assert train(cfg, run, resume=True, progress=False).final_step == 6
+    with pytest.raises(MaskkitError, match="optim.base_lr"):
+        train(tiny_config(optim={"base_lr": 0.5}), tmp_path / "run", resume=True, progress=False)
