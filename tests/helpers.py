@@ -56,13 +56,16 @@ def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
                                        f"of the tensor's scale {scale:.3g} (allowed {rel:g})")
 
 
-def assert_same_weights(a_dir, b_dir, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+def assert_same_weights(a_dir, b_dir, rtol: float = 1e-4, atol: float = 5e-5) -> None:
     """The final weights of two runs agree to atol + rtol * |w|.
 
     Weights after a few AdamW steps, not one computation: Adam divides each gradient by its own running
-    RMS, so float noise in a gradient that is zero in exact arithmetic becomes a step of up to the learning
-    rate, in any direction. The error is therefore in units of the runs' learning rate (1e-4 to 1e-3 in
-    these tests, a handful of steps), not of the weights' scale; atol is a small fraction of one such step.
+    RMS, so float noise in a gradient that is zero in exact arithmetic (the key part of the qkv bias:
+    softmax ignores a constant added to a row of scores) becomes a step of up to the learning rate, in
+    any direction. The error is therefore in units of the runs' learning rate, not of the weights' scale.
+    Measured: at most 8.7e-6 (that bias, ATEN_CPU_CAPABILITY=avx2; 6.6e-6 under default) against
+    Adam steps of ~6e-5 per step in these tests, so 5e-5 allows for other kernels and still fails when
+    the runs' updates point elsewhere.
     """
     a, b = final_weights(a_dir), final_weights(b_dir)
     assert a.keys() == b.keys()
