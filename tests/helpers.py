@@ -34,6 +34,13 @@ SUMMATION_ORDER = 1e-5   # one float32 computation, its sums split or ordered di
 FLOAT32_PARITY = 1e-5    # two implementations of the same network (maskkit vs Hugging Face), a few layers deep
 
 
+def log_tolerance(tolerance: str, measured: float, what: str) -> None:
+    """With MASKKIT_TOLERANCE_LOG=file, append (tolerance, measured error, what): re-measures each constant."""
+    if os.environ.get("MASKKIT_TOLERANCE_LOG"):
+        with open(os.environ["MASKKIT_TOLERANCE_LOG"], "a") as log:
+            log.write(f"{tolerance}\t{measured:.3g}\t{what}\n")
+
+
 def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float, msg: str = "") -> None:
     """|actual - expected| <= rel * max|expected| for every element.
 
@@ -49,10 +56,9 @@ def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
         return
     scale = float(expected.abs().max())
     difference = float((actual - expected).abs().max())
-    if os.environ.get("MASKKIT_TOLERANCE_LOG"):      # to re-measure the worst ratio behind each constant
-        with open(os.environ["MASKKIT_TOLERANCE_LOG"], "a") as log:
-            log.write(f"{rel:g}\t{difference / max(scale, 1e-300):.3g}\t{msg}\n")
-    assert difference <= rel * scale, (f"{msg}: max |difference| {difference:.3g} is {difference / max(scale, 1e-300):.3g} "
+    ratio = difference / max(scale, 1e-300)
+    log_tolerance(f"{rel:g}", ratio, msg)
+    assert difference <= rel * scale, (f"{msg}: max |difference| {difference:.3g} is {ratio:.3g} "
                                        f"of the tensor's scale {scale:.3g} (allowed {rel:g})")
 
 
@@ -70,9 +76,7 @@ def assert_same_weights(a_dir, b_dir, rtol: float = 1e-4, atol: float = 5e-5) ->
     a, b = final_weights(a_dir), final_weights(b_dir)
     assert a.keys() == b.keys()
     for name in a:
-        if os.environ.get("MASKKIT_TOLERANCE_LOG"):
-            with open(os.environ["MASKKIT_TOLERANCE_LOG"], "a") as log:
-                log.write(f"weights atol {atol:g}\t{float((b[name].double() - a[name].double()).abs().max()):.3g}\t{name}\n")
+        log_tolerance(f"weights atol {atol:g}", float((b[name].double() - a[name].double()).abs().max()), name)
         torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)
 
 
