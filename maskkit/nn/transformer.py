@@ -343,7 +343,10 @@ class TextTransformer(nn.Module):
             if positions.shape[-1] != length:
                 raise MaskkitError(f"positions of shape {tuple(positions.shape)} do not match token ids of shape "
                                    f"{tuple(ids.shape)}")
-            position_table = self.position_embedding[0, positions]        # (B, L, D) or (L, D)
+            # An embedding lookup, not `table[0, positions]`: the indexing's backward (index_put_ with
+            # accumulation) adds repeated positions in a thread-dependent order on the CPU, so PMLM's runs
+            # (whose pseudo-masked tokens repeat positions) differed from run to run with 2 threads.
+            position_table = F.embedding(positions, self.position_embedding[0])   # (B, L, D) or (L, D)
         x = self.token_embedding(ids) + position_table.to(self.token_embedding.weight.dtype)   # (B, L, D)
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)

@@ -120,3 +120,31 @@ def test_embedding_norm_must_be_a_bool():
 
     with pytest.raises(MaskkitError, match="model.text.embedding_norm"):
         TextConfig(embedding_norm="yes").check("test.yaml")
+
+
+def test_repeated_positions_give_the_same_gradient_every_time_on_two_threads():
+    """PMLM's layout (Bao et al. 2020, Figure 2) repeats positions: appended pseudo tokens take their masked
+    token's position and padding slots position 0. `table[0, positions]`'s backward (index_put_ with
+    accumulation) added the repeats in a thread-dependent order, so two identical runs differed; measured
+    with PMLM's real layout, 4 of 10 repeated backward passes differed from the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = TextTransformer(TextConfig(vocab_size=50, dim=128, depth=1, num_heads=2, context_length=128))
+        batch, length, appended = 8, 128, 48
+        ids = torch.randint(0, 50, (batch, length + appended))
+        positions = torch.cat([torch.arange(length).expand(batch, length),
+                               torch.randint(0, length, (batch, appended // 2)),
+                               torch.zeros(batch, appended // 2, dtype=torch.long)], 1)   # (B, L')
+        upstream = torch.randn(batch, length + appended, 128)
+
+        def position_gradient():
+            model.zero_grad(set_to_none=True)
+            model(ids, positions=positions).backward(upstream)
+            return model.position_embedding.grad.clone()
+
+        first = position_gradient()
+        for _ in range(30):
+            assert torch.equal(position_gradient(), first)
+    finally:
+        torch.set_num_threads(threads)
