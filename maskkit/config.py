@@ -5,6 +5,7 @@ A recipe names its method (`method: mae`); the `model:` section is that method's
 line that names the key and lists the valid ones.
 """
 
+import copy
 import dataclasses
 import types
 import typing
@@ -253,6 +254,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     cfg.model.check(cfg.data, source)
     if hasattr(cfg.model, "check_batch"):          # methods whose state depends on the global batch (queues)
         cfg.model.check_batch(cfg.train.batch_size, source)
+    if hasattr(cfg.model, "check_steps"):          # methods with a schedule of their own (FLIP, DenseCL)
+        cfg.model.check_steps(cfg.train.steps, source)
 
 
 # Keys that say where and how a run executes, not what it computes: a resumed run may change them.
@@ -297,7 +300,29 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         raise MaskkitError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise MaskkitError(f"{path}: expected a mapping of config sections at the top level")
-    return config_from_dict(apply_overrides(values, list(overrides)), source=str(path))
+    return config_with_overrides(values, overrides, str(path))
+
+
+def config_with_overrides(values: dict, overrides: list[str], source: str) -> Config:
+    """The config of `values` (read from `source`) with `overrides` applied, checked.
+
+    An error is blamed on whoever caused it: when `values` alone are valid (or fail differently), the
+    command line's overrides are named as the source, not the file that was fine without them.
+    """
+    overrides = list(overrides)
+    try:
+        return config_from_dict(apply_overrides(copy.deepcopy(values), overrides), source=source)
+    except MaskkitError as combined:
+        if not overrides:
+            raise
+        try:
+            config_from_dict(copy.deepcopy(values), source=source)
+        except MaskkitError as alone:
+            if str(alone) == str(combined):
+                raise combined from None
+        shown = " ".join(overrides) if len(" ".join(overrides)) <= 120 else " ".join(overrides)[:117] + "..."
+        config_from_dict(apply_overrides(copy.deepcopy(values), overrides), source=f"command line ({shown})")
+        raise
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -137,3 +137,17 @@ def test_every_bundled_recipe_validates(capsys):
     assert {"mlm/tiny", "xlnet/tiny", "pmlm/tiny", "mlm/base", "xlnet/base", "pmlm/base"} <= set(recipes)
     for recipe in recipes:
         assert main(["validate", recipe]) == 0, capsys.readouterr().err
+
+
+def test_an_error_is_blamed_on_the_command_line_when_the_recipe_alone_is_valid(tmp_path, tiny_yaml, capsys):
+    assert main(["validate", str(tiny_yaml), "optim.base_lr=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("maskkit: error: command line (optim.base_lr=-1): optim.base_lr must be"), err
+    # A recipe that is wrong by itself is still named as the culprit, overrides or not.
+    broken = tmp_path / "broken.yaml"
+    values = yaml.safe_load(tiny_yaml.read_text())
+    values["optim"]["base_lr"] = -1
+    broken.write_text(yaml.safe_dump(values))
+    assert main(["validate", str(broken), "train.steps=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"maskkit: error: {broken}: optim.base_lr must be"), err

@@ -58,6 +58,14 @@ class DenseCLConfig(MoCoConfig):
         grid = self.encoder.image_size // self.encoder.patch_size
         require(grid >= 2, source, "model.encoder.patch_size", self.encoder.patch_size,
                 f"small enough for a token grid of at least 2x2 (image {self.encoder.image_size} px gives {grid}x{grid})")
+
+    def check_steps(self, steps: int, source: str) -> None:
+        """A dense warm-up that covers every step would train MoCo v2 while the run says DenseCL."""
+        if self.dense_weight > 0 and self.dense_warmup_steps >= steps:
+            raise MaskkitError(
+                f"{source}: model.dense_warmup_steps={self.dense_warmup_steps} covers the whole run "
+                f"(train.steps={steps}), so the dense loss would never be used (plain MoCo v2); set it below {steps}, "
+                "or model.dense_weight=0 to train MoCo v2 on purpose")
         require_float(source, "model.dense_weight", self.dense_weight, 0.0, 1.0)
         require_int(source, "model.dense_warmup_steps", self.dense_warmup_steps, 0)
         require(self.positives in POSITIVES, source, "model.positives", self.positives, f"one of {', '.join(POSITIVES)}")

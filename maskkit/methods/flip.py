@@ -65,6 +65,14 @@ class FLIPConfig:
         require_float(source, "model.temperature_init", self.temperature_init, 1e-4, 10.0)
         require_float(source, "model.max_logit_scale", self.max_logit_scale, 1.0, 1e4)
 
+    def check_steps(self, steps: int, source: str) -> None:
+        """Unmasked tuning that covers every step would train plain CLIP while the run says FLIP."""
+        if self.mask_ratio > 0 and self.unmasked_steps >= steps:
+            raise MaskkitError(
+                f"{source}: model.unmasked_steps={self.unmasked_steps} covers the whole run (train.steps={steps}), "
+                f"so no step would mask (plain CLIP); set model.unmasked_steps below {steps} "
+                "(e.g. model.unmasked_steps=0), or model.mask_ratio=0 to train CLIP on purpose")
+
 
 class FLIP(Method):
     name = "flip"

@@ -166,3 +166,12 @@ def test_two_ranks_match_one_rank_with_both_queues(tmp_path):
     train_on_two_ranks(cfg_dict, tmp_path / "two", tmp_path / "init")
     train(config_from_dict(cfg_dict), tmp_path / "one", progress=False)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_dense_warmup_that_covers_the_whole_run_is_refused():
+    """lambda = 0 during the warm-up: one that covers every step trains MoCo v2 while the run says DenseCL."""
+    steps = moco_config_dict()["train"]["steps"]
+    with pytest.raises(MaskkitError, match=rf"model.dense_warmup_steps={steps} covers the whole run"):
+        config_from_dict(moco_config_dict(method="densecl", model={"dense_warmup_steps": steps}))
+    config_from_dict(moco_config_dict(method="densecl", model={"dense_warmup_steps": steps - 1}))
+    config_from_dict(moco_config_dict(method="densecl", model={"dense_warmup_steps": steps, "dense_weight": 0.0}))

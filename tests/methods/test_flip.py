@@ -169,8 +169,17 @@ def test_text_token_dropping_removes_real_tokens_but_never_cls_or_padding():
 def test_zero_shot_on_captioned_digits_runs_on_a_flip_checkpoint(tmp_path):
     from maskkit.eval.run import evaluate
 
-    cfg = config_from_dict(flip_config_dict(data={"name": "digits"}, train={"steps": 2}))
+    cfg = config_from_dict(flip_config_dict(data={"name": "digits"}, train={"steps": 3}))
     train(cfg, tmp_path / "run", progress=False)
     result = evaluate(tmp_path / "run", "zero-shot", progress=False)
     assert result["dataset"] == "digits" and result["chance"] == 0.1 and result["num_test"] == 450   # 25% held out
     assert {"pretrained", "random_init"} <= set(result)
+
+
+def test_unmasked_tuning_that_covers_the_whole_run_is_refused():
+    """FLIP Sec 3: unmasked tuning is a short phase at the end; covering every step would train plain CLIP
+    while the run is called FLIP (flip/tiny's 100 unmasked steps with train.steps=15 logged mask_ratio 0)."""
+    with pytest.raises(MaskkitError, match=r"model.unmasked_steps=6 covers the whole run \(train.steps=6\)"):
+        config_from_dict(flip_config_dict(model={"unmasked_steps": 6}))
+    config_from_dict(flip_config_dict(model={"unmasked_steps": 5}))                          # one masked step
+    config_from_dict(flip_config_dict(model={"unmasked_steps": 6, "mask_ratio": 0.0}))       # CLIP on purpose
