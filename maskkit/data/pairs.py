@@ -98,7 +98,7 @@ class CaptionFile(Dataset):
     """A CSV or TSV file of (image path, caption); paths relative to the file's folder.
 
     The whole file is decoded first (`decode_text`: UTF-8 with or without a byte-order mark, UTF-16 with one)
-    and parsed as one text, so a quoted caption keeps its line breaks and CRLF line ends read as LF. The
+    and parsed as one text, so a quoted caption keeps its line breaks and CRLF row ends are understood. The
     parser is strict: a quote left open fails naming its line instead of swallowing the rows after it.
     """
 
