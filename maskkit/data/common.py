@@ -1,18 +1,21 @@
 """What every data kind (images, pairs, text) shares: the per-sample index wrapper, unreadable items and
-their report, the fixed held-out split, collation, and the checks of normalisation and crop settings.
+their report, the files a folder reader leaves out and their report, the decoding of text files, the fixed
+held-out split, collation, and the checks of normalisation and crop settings.
 
 It imports nothing of the data layer, so `images.py`, `pairs.py` and `text.py` depend on it and not on
 one another for these.
 """
 
+import codecs
 import logging
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
-from maskkit.errors import require, require_float
+from maskkit.errors import MaskkitError, require, require_float
 
 log = logging.getLogger("maskkit")
 
@@ -30,7 +33,82 @@ _REPORTED: set[str] = set()   # unreadable files already reported by this proces
 def report_unreadable(path: str, reason: str) -> None:
     if path not in _REPORTED:
         _REPORTED.add(path)
-        log.warning("skipping unreadable image %s: %s", path, reason)
+        log.warning("skipping unreadable file %s: %s", path, reason)
+
+
+def hidden(path: Path, root: Path) -> bool:
+    """Whether `path` is, or lies in, a hidden entry of `root` (.DS_Store, macOS's ._name copies, .git): never data."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+_REPORTED_FOLDERS: set[str] = set()   # folders whose left-out files were already reported by this process
+
+
+def report_skipped_files(root: Path, skipped: list[Path], wanted: str) -> None:
+    """One warning per folder (however many sets are built from it) that counts the files a reader leaves out
+    for their extension, and names the first few."""
+    if not skipped or str(root) in _REPORTED_FOLDERS:
+        return
+    _REPORTED_FOLDERS.add(str(root))
+    suffixes = ", ".join(sorted({p.suffix.lower() or "no extension" for p in skipped}))
+    names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    log.warning("%s: skipped %d files that are not %s (%s): %s%s", root, len(skipped), wanted, suffixes, names, more)
+
+
+# Text files
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents, decoded by `decode_text`; a file that cannot be read fails naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise MaskkitError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return decode_text(data, str(path))
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """Text as people save it: UTF-8, with or without the byte-order mark Excel's "CSV UTF-8" and PowerShell write,
+    or UTF-16 with a byte-order mark (Notepad's and Excel's "Unicode"). Anything else fails in one line naming
+    `where`, the line and what the bytes look like: a guessed encoding would train on mojibake without a word.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            text = data.decode("utf-16")            # reads the mark for the byte order, and drops it
+        except UnicodeDecodeError as error:
+            raise MaskkitError(f"{where}: starts with a UTF-16 byte-order mark but is not UTF-16 ({error.reason} "
+                               f"at byte {error.start}); save it as UTF-8") from None
+        if "\x00" in text:                           # UTF-32, whose mark begins like UTF-16's
+            raise MaskkitError(f"{where}: holds NUL characters (UTF-32, or not a text file?); save it as UTF-8")
+        return text
+    body = data.removeprefix(codecs.BOM_UTF8)
+    if b"\x00" in body:
+        # Valid UTF-8, but no text editor writes NUL: UTF-16 without a mark puts one beside every ASCII letter.
+        raise MaskkitError(f"{where}: holds NUL bytes (the first at line {_line_of(body, body.index(0))}): "
+                           "UTF-16 without a byte-order mark, or not a text file; save it as UTF-8")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MaskkitError(f"{where}: {_not_utf8(body, error.start)}; save it as UTF-8") from None
+
+
+def _line_of(body: bytes, offset: int) -> int:
+    return body.count(b"\n", 0, offset) + 1
+
+
+def _not_utf8(body: bytes, start: int) -> str:
+    """What the byte at `start` says: its line, and how that line reads in the usual 8-bit encoding."""
+    line_start = body.rfind(b"\n", 0, start) + 1
+    line_end = body.find(b"\n", start)
+    line = body[line_start : line_end if line_end >= 0 else len(body)].rstrip(b"\r")
+    column = start - line_start
+    around = line[max(0, column - 30) : column + 30]
+    problem = f"not UTF-8 (byte 0x{body[start]:02x} at line {_line_of(body, start)}"
+    try:
+        return f"{problem}; as Latin-1 or Windows-1252 it reads {around.decode('cp1252')!r})"
+    except UnicodeDecodeError:
+        return f"{problem})"
 
 
 def held_out(count: int, fraction: float) -> list[bool]:

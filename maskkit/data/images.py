@@ -23,6 +23,8 @@ from maskkit.data.common import (
     check_crop_scale,
     check_normalisation,
     held_out,
+    hidden,
+    report_skipped_files,
     report_unreadable,
     to_channels,
 )
@@ -191,6 +193,9 @@ def _open_error(path: Path, decode: bool) -> str | None:
 class ImageFolder(Dataset):
     """A directory of images: either one sub-folder per class, or images at the top level (unlabelled).
 
+    Images are the files with an image suffix (any case); the other files are counted and named once, and
+    hidden entries (.DS_Store, macOS's ._name copies, .git) are left alone.
+
     Every file's header is read once when the set is built: files PIL cannot open are reported by
     path (once each) and left out, so lengths count readable images; a set in which no image can be
     decoded fails here, before any training. A file that opens but does not decode (a truncated JPEG)
@@ -206,7 +211,9 @@ class ImageFolder(Dataset):
         if not path.is_dir():
             raise MaskkitError(f"data.path: {path} does not exist or is not a directory")
         class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        loose = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        top = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        loose = [p for p in top if p.suffix.lower() in IMAGE_EXTENSIONS]
+        others = [p for p in top if p.suffix.lower() not in IMAGE_EXTENSIONS]    # counted and named below
         if class_dirs and loose:
             raise MaskkitError(
                 f"data.path: {path} has {len(loose)} image{'s' if len(loose) > 1 else ''} at its top level next to "
@@ -218,14 +225,18 @@ class ImageFolder(Dataset):
         if class_dirs:
             self.classes = [d.name for d in class_dirs]
             for label, directory in enumerate(class_dirs):
-                found = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                inside = sorted(p for p in directory.rglob("*") if p.is_file() and not hidden(p, path))
+                found = [p for p in inside if p.suffix.lower() in IMAGE_EXTENSIONS]
+                others += [p for p in inside if p.suffix.lower() not in IMAGE_EXTENSIONS]
                 files += found
                 labels += [label] * len(found)
         else:
             self.classes = []
             files, labels = loose, [-1] * len(loose)
         if not files:
-            raise MaskkitError(f"data.path: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {path}")
+            besides = f", only {len(others)} other files such as {sorted(others)[0].relative_to(path)}" if others else ""
+            raise MaskkitError(f"data.path: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {path}{besides}")
+        report_skipped_files(path, sorted(others), "images")
         self.unreadable = self._check_readable(path, files, strict)
         if split != "all" and self.classes:
             # A fixed split of each class: exactly round(n_c * eval_split) of its files are held out. An

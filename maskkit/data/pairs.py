@@ -12,6 +12,7 @@ workers) into "ids" and "attention_mask".
 """
 
 import csv
+import io
 import logging
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from maskkit.data.common import (
     check_crop_scale,
     check_normalisation,
     collate,
+    decode_text,
+    read_text,
     report_unreadable,
     take_split,
 )
@@ -92,7 +95,12 @@ class CaptionedDigits(Dataset):
 
 
 class CaptionFile(Dataset):
-    """A CSV or TSV file of (image path, caption); paths relative to the file's folder."""
+    """A CSV or TSV file of (image path, caption); paths relative to the file's folder.
+
+    The whole file is decoded first (`decode_text`: UTF-8 with or without a byte-order mark, UTF-16 with one)
+    and parsed as one text, so a quoted caption keeps its line breaks and CRLF row ends are understood. The
+    parser is strict: a quote left open fails naming its line instead of swallowing the rows after it.
+    """
 
     def __init__(self, cfg: PairDataConfig, split: str):
         from pathlib import Path
@@ -100,12 +108,13 @@ class CaptionFile(Dataset):
         path = Path(cfg.path).expanduser()
         if not path.is_file():
             raise MaskkitError(f"data.path: {path} does not exist")
-        text = path.read_text(errors="replace")
+        text = read_text(path)
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         other = "," if delimiter == "\t" else "\t"
-        header = text.splitlines()[0] if text.strip() else ""
-        columns = next(csv.reader([header], delimiter=delimiter)) if header else []
+        rows = self.parse(path, text, delimiter)
+        columns = rows[0][1] if rows else []
         if cfg.image_column not in columns or cfg.caption_column not in columns:
+            header = text.split("\n", 1)[0].rstrip("\r")
             hint = ""
             if other in header and len(next(csv.reader([header], delimiter=other))) > len(columns):
                 hint = f"; it looks {'tab' if other == chr(9) else 'comma'}-separated, rename it to .{'tsv' if other == chr(9) else 'csv'}"
@@ -113,11 +122,16 @@ class CaptionFile(Dataset):
                 f"{path}: needs the columns data.image_column={cfg.image_column!r} and data.caption_column="
                 f"{cfg.caption_column!r}; found {columns}{hint}"
             )
-        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-        pairs, empty, missing = [], 0, 0
-        for row in rows:
-            caption_text = (row.get(cfg.caption_column) or "").strip()
-            image_path = path.parent / (row.get(cfg.image_column) or "")
+        image_at, caption_at = columns.index(cfg.image_column), columns.index(cfg.caption_column)
+        pairs, empty, missing, long_rows = [], 0, 0, []
+        for line, row in rows[1:]:
+            if not row:                                      # a blank line
+                continue
+            if len(row) > len(columns):
+                long_rows.append(line)
+                continue
+            caption_text = row[caption_at].strip() if caption_at < len(row) else ""
+            image_path = path.parent / (row[image_at] if image_at < len(row) else "")
             if not caption_text:
                 empty += 1
             elif not image_path.is_file():
@@ -127,12 +141,33 @@ class CaptionFile(Dataset):
                 pairs.append((image_path, caption_text))
         if empty or missing:
             log.warning("%s: skipped %d rows with an empty caption and %d with a missing image", path, empty, missing)
+        if long_rows:
+            separator = "tab" if delimiter == "\t" else "comma"
+            log.warning("%s: skipped %d rows with more fields than the header's %d (the first at line %d): an "
+                        "unquoted %s inside a caption? quote the caption", path, len(long_rows), len(columns),
+                        long_rows[0], separator)
         if not pairs:
-            raise MaskkitError(f"{path}: no usable (image, caption) rows ({empty} empty captions, {missing} missing images)")
+            raise MaskkitError(f"{path}: no usable (image, caption) rows ({empty} empty captions, {missing} missing images"
+                               f", {len(long_rows)} with too many fields)")
         self.pairs = take_split(pairs, cfg.eval_split, split)
         if not self.pairs:
             raise MaskkitError(f"{path}: the {split!r} split is empty (data.eval_split={cfg.eval_split})")
         self.image_size, self.channels = cfg.image_size, cfg.in_channels
+
+    @staticmethod
+    def parse(path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:
+        """(line where the row starts, its fields) for every row of the decoded file."""
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        rows, line = [], 1
+        try:
+            for row in reader:
+                rows.append((line, row))
+                line = reader.line_num + 1
+        except csv.Error as error:
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            raise MaskkitError(f"{path}: not a valid {kind} file at line {line} ({error}): a field that opens a quote "
+                               'must close it, and a quote inside a quoted field is written twice ("")') from None
+        return rows
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -149,8 +184,9 @@ class Shards(Dataset):
     Read with Python's `tarfile`, as a map-style set: the members of every shard are indexed once (tar
     headers only), so `StepSampler` gives shards the same exact resume and rank invariance as any other
     set, with per-sample seeds from the sample's position. The first shard is checked before the others
-    are read: shards whose samples carry no caption fail within seconds. Samples without an image or a
-    caption are counted and skipped; an image that does not decode is reported and skipped by `collate`.
+    are read: shards whose samples carry no caption, or captions that are not text by `decode_text`'s rule,
+    fail within seconds. Samples without an image or a caption are counted and skipped; an image or a later
+    shard's caption that does not decode is reported and skipped by `collate`.
     """
 
     IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
@@ -199,12 +235,16 @@ class Shards(Dataset):
                         without_image)
         if not samples:
             raise MaskkitError(f"data.path: the shards at {root} hold no (image, caption) samples")
+        self._open: dict[str, object] = {}
+        self._pid = None
+        for sample in samples:
+            if sample[0] != str(files[0]):
+                break
+            self.read_caption(sample)                       # raises on the first caption that is not text
         self.samples = take_split(samples, cfg.eval_split, split)
         if not self.samples:
             raise MaskkitError(f"data.path: the {split!r} split of the shards is empty (data.eval_split={cfg.eval_split})")
         self.image_size, self.channels = cfg.image_size, cfg.in_channels
-        self._open: dict[str, object] = {}
-        self._pid = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -227,11 +267,20 @@ class Shards(Dataset):
         image = ImageFolder.load(io.BytesIO(data), self.image_size, self.channels)
         if isinstance(image, Unreadable):
             return Unreadable(f"{shard}:{image_name}", image.reason)
-        return {"images": image, "text": self.caption(i), "label": torch.tensor(-1)}
+        text = self.caption(i)
+        return text if isinstance(text, Unreadable) else {"images": image, "text": text, "label": torch.tensor(-1)}
 
-    def caption(self, i: int) -> str:
-        shard, _, text_name, _ = self.samples[i]
-        return self._archive(shard).extractfile(text_name).read().decode("utf-8", errors="replace").strip()
+    def read_caption(self, sample: tuple[str, str, str, str]) -> str:
+        shard, _, text_name, _ = sample
+        return decode_text(self._archive(shard).extractfile(text_name).read(), f"{shard}:{text_name}").strip()
+
+    def caption(self, i: int) -> str | Unreadable:
+        """Sample i's caption, or Unreadable naming its member when it is not text."""
+        try:
+            return self.read_caption(self.samples[i])
+        except MaskkitError as error:
+            where = f"{self.samples[i][0]}:{self.samples[i][2]}"
+            return Unreadable(where, str(error).removeprefix(f"{where}: "))
 
 
 def build_pair_dataset(cfg: PairDataConfig, split: str = "train") -> Dataset:
@@ -250,7 +299,11 @@ def captions_of(dataset: Dataset) -> list[str]:
     if isinstance(inner, CaptionFile):
         return [text for _, text in inner.pairs]
     if isinstance(inner, Shards):
-        return [inner.caption(i) for i in range(len(inner))]
+        captions = [inner.caption(i) for i in range(len(inner))]
+        for text in captions:
+            if isinstance(text, Unreadable):
+                report_unreadable(text.path, text.reason)      # skipped in training too: named here, once
+        return [text for text in captions if isinstance(text, str)]
     if isinstance(inner, CaptionedDigits):
         return [CaptionedDigits.TEMPLATES[i % 4].format(DIGIT_NAMES[int(y)]) for i, y in enumerate(inner.digits.labels)]
     return [caption(inner.scene(i), [0.5] * 3) for i in range(len(inner))] + [

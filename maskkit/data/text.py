@@ -7,9 +7,11 @@ and a short `description` ("Painting by Georges Seurat"): the labels of `text-cl
 targets of `seq2seq` evaluation.
 
 Every corpus becomes a list of `Document`s, split once into train / val / test by a fixed seeded
-permutation (`data.split`, `data.split_seed`). Empty documents are skipped and counted; lines that are
-not valid UTF-8 (or not valid JSON, or without the text field) are skipped, counted and the first one
-named.
+permutation (`data.split`, `data.split_seed`). A folder is read whole: its .txt and .jsonl (.json) files,
+in path order, each by its suffix; other files are counted and named, hidden ones left alone. Files are
+decoded as people save text (UTF-8 with or without a byte-order mark, UTF-16 with one) or refused naming
+the file and line (`read_text`): never read as mojibake. Empty documents are skipped and counted; lines
+that are not valid JSON (or without the text field) are skipped, counted and the first one named.
 
 Pretraining reads the training split as fixed-length blocks: the documents are tokenised (without
 truncation), each followed by [SEP], concatenated and cut into blocks of `data.block_length` tokens,
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from maskkit.data.common import Indexed
+from maskkit.data.common import Indexed, hidden, read_text, report_skipped_files
 from maskkit.data.tokenizer import Tokenizer, build_text_tokenizer
 from maskkit.errors import MaskkitError, require, require_int
 
@@ -89,7 +91,7 @@ class Document:
 class Corpus:
     documents: list[Document]
     label_names: list[str]          # class index -> name (empty without labels)
-    skipped: dict[str, int]         # reason -> count ("empty", "invalid UTF-8", ...)
+    skipped: dict[str, int]         # reason -> count ("empty", "not valid JSON", ...)
 
 
 # Reading
@@ -123,11 +125,19 @@ def read_wiki() -> Corpus:
     return Corpus(documents, list(WIKI_TOPICS), {"empty": empty} if empty else {})
 
 
-def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _files(path: Path) -> list[Path]:
+    """The corpus files at `path`: the file itself, or a folder's .txt, .jsonl and .json files (any case, hidden
+    entries left out) sorted by path; a folder's other files are counted and named."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        files, others = [], []
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not hidden(p, path)):
+            (files if file.suffix.lower() in TEXT_SUFFIXES else others).append(file)
+        report_skipped_files(path, others, ".txt, .jsonl or .json")
         if not files:
-            raise MaskkitError(f"data.path: {path} holds no {' or '.join(suffixes)} files")
+            raise MaskkitError(f"data.path: {path} holds no .txt, .jsonl or .json files")
         return files
     if not path.is_file():
         raise MaskkitError(f"data.path: {path} does not exist")
@@ -150,34 +160,61 @@ class _Skips:
             log.warning("skipped %d documents (%s; the first at %s)", count, reason, self.first[reason])
 
 
-def _lines(file: Path, skips: _Skips):
-    """(line number, decoded line) of a file; lines that are not UTF-8 are skipped and counted."""
-    with open(file, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                skips.add("invalid UTF-8", f"{file}:{number}")
+def _lines(file: Path):
+    """(line number, line) of a text file decoded by `read_text` (which fails on any other encoding). Lines end at
+    LF or CRLF only: str.splitlines would also cut at U+2028, which JSON strings may hold unescaped."""
+    lines = read_text(file).split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return ((number, line.removesuffix("\r")) for number, line in enumerate(lines, 1))
 
 
-def read_txt(path: Path, documents: str, skips: _Skips) -> list[Document]:
-    out = []
-    for file in _files(path, (".txt",)):
-        paragraph: list[str] = []
-        for number, line in _lines(file, skips):
-            if documents == "line":
-                if line.strip():
-                    out.append(Document(line.strip()))
-                else:
-                    skips.add("empty", f"{file}:{number}")
-            elif line.strip():
-                paragraph.append(line.strip())
-            elif paragraph:
-                out.append(Document(" ".join(paragraph)))
-                paragraph = []
-        if paragraph:
-            out.append(Document(" ".join(paragraph)))
-    return out
+def _txt_records(file: Path, cfg: TextDataConfig, skips: _Skips):
+    """(where, {text_field: document}) of a .txt file: one document per line, or per blank-line separated paragraph."""
+    paragraph: list[str] = []
+    first = 0                      # the line the paragraph starts at
+    for number, line in _lines(file):
+        if cfg.documents == "line":
+            if line.strip():
+                yield f"{file}:{number}", {cfg.text_field: line.strip()}
+            else:
+                skips.add("empty", f"{file}:{number}")
+        elif line.strip():
+            first = first if paragraph else number
+            paragraph.append(line.strip())
+        elif paragraph:
+            yield f"{file}:{first}", {cfg.text_field: " ".join(paragraph)}
+            paragraph = []
+    if paragraph:
+        yield f"{file}:{first}", {cfg.text_field: " ".join(paragraph)}
+
+
+def _jsonl_records(file: Path, skips: _Skips):
+    """(where, record) of a .jsonl file: one JSON object per line."""
+    for number, line in _lines(file):
+        if not line.strip():
+            skips.add("empty", f"{file}:{number}")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skips.add("not valid JSON", f"{file}:{number}")
+            continue
+        if isinstance(record, dict):
+            yield f"{file}:{number}", record
+        else:
+            skips.add("not a JSON object", f"{file}:{number}")
+
+
+def read_files(path: Path, cfg: TextDataConfig, skips: _Skips) -> tuple[list[Document], list[str]]:
+    """data.name=txt or jsonl: one file, read as data.name says, or a folder of both kinds, each file read by its
+    suffix (.txt as text, .jsonl and .json as JSON lines), in path order."""
+    def records():
+        for file in _files(path):
+            as_txt = file.suffix.lower() == ".txt" if path.is_dir() else cfg.name == "txt"
+            yield from _txt_records(file, cfg, skips) if as_txt else _jsonl_records(file, skips)
+
+    return _labelled(records(), cfg, skips)
 
 
 def _labelled(records, cfg: TextDataConfig, skips: _Skips) -> tuple[list[Document], list[str]]:
@@ -197,26 +234,6 @@ def _labelled(records, cfg: TextDataConfig, skips: _Skips) -> tuple[list[Documen
     names = sorted({label for _, label, _ in raw if label is not None})
     index = {name: i for i, name in enumerate(names)}
     return [Document(text, index.get(label, -1), target) for text, label, target in raw], names
-
-
-def read_jsonl(path: Path, cfg: TextDataConfig, skips: _Skips) -> tuple[list[Document], list[str]]:
-    def records():
-        for file in _files(path, (".jsonl", ".json")):
-            for number, line in _lines(file, skips):
-                if not line.strip():
-                    skips.add("empty", f"{file}:{number}")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    skips.add("not valid JSON", f"{file}:{number}")
-                    continue
-                if isinstance(record, dict):
-                    yield f"{file}:{number}", record
-                else:
-                    skips.add("not a JSON object", f"{file}:{number}")
-
-    return _labelled(records(), cfg, skips)
 
 
 def read_hf(path: Path, cfg: TextDataConfig, skips: _Skips) -> tuple[list[Document], list[str]]:
@@ -246,12 +263,8 @@ def read_corpus(cfg: TextDataConfig) -> Corpus:
         corpus = read_wiki()
     else:
         path, skips = Path(cfg.path).expanduser(), _Skips()
-        if cfg.name == "txt":
-            corpus = Corpus(read_txt(path, cfg.documents, skips), [], skips.counts)
-        else:
-            reader = read_jsonl if cfg.name == "jsonl" else read_hf
-            documents, names = reader(path, cfg, skips)
-            corpus = Corpus(documents, names, skips.counts)
+        documents, names = (read_files if cfg.name in ("txt", "jsonl") else read_hf)(path, cfg, skips)
+        corpus = Corpus(documents, names, skips.counts)
         skips.report()
     if cfg.max_documents:
         corpus.documents = corpus.documents[: cfg.max_documents]

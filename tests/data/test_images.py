@@ -151,3 +151,28 @@ def test_full_crop_without_flip_is_identity():
     augment.log_ratio = (0.0, 0.0)
     images = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(augment.denormalize(augment(images, torch.tensor([1, 2]))), images, atol=1e-5, rtol=0)
+
+
+def test_files_that_are_not_images_are_counted_and_named_and_non_ascii_names_work(tmp_path, caplog):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in ("café", "日本"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / label / f"crème {i}.PNG")
+    (root / "café" / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")   # an iPhone photo
+    (root / "日本" / "notes.txt").write_text("where these came from")
+    (root / "labels.csv").write_text("file,label\n")
+    (root / "café" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")            # hidden: never an image
+    (root / "café" / "._crème 0.PNG").write_bytes(b"\x00\x05\x16\x07")              # macOS's copy of its metadata
+    with caplog.at_level("WARNING", logger="maskkit"):
+        dataset = ImageFolder(str(root), 16)
+    assert dataset.classes == ["café", "日本"] and len(dataset) == 6
+    assert [Path(p).name for p in dataset.files[:3]] == ["crème 0.PNG", "crème 1.PNG", "crème 2.PNG"]
+    assert "skipped 3 files that are not images (.csv, .heic, .txt" in caplog.text
+    assert "IMG_0001.heic" in caplog.text and "notes.txt" in caplog.text and "labels.csv" in caplog.text
+    assert ".DS_Store" not in caplog.text and "._crème" not in caplog.text
+    (tmp_path / "phone").mkdir()
+    (tmp_path / "phone" / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(MaskkitError, match=r"no images .* found under .*phone, only 1 other files such as IMG_0002.HEIC"):
+        ImageFolder(str(tmp_path / "phone"), 16)

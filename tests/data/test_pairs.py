@@ -168,3 +168,79 @@ def test_shards_without_captions_fail_on_the_first_shard(tmp_path):
     with pytest.raises(MaskkitError, match=r"000.tar: none of its 3 samples has both an image and a caption "
                                            r"\(found files .jpg, .json"):
         build_data(cfg, "train")
+
+
+# Files as people make them: Excel's "CSV UTF-8" (a byte-order mark, CRLF line ends, a cell with a line break
+# quoted), Excel's "Unicode Text" (UTF-16 LE with a BOM, tab-separated), and a Latin-1 file from an old editor.
+
+
+def test_csv_utf8_from_excel_keeps_accents_and_quoted_line_breaks(tmp_path):
+    write_images(tmp_path / "img", 3)
+    rows = ["filepath,title", "img/0.png,café crème", 'img/1.png,"a cat\non two lines"', 'img/2.png,"a ""quoted"" dog"']
+    (tmp_path / "pairs.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode("utf-8") + b"\r\n")
+    data = CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "pairs.csv"), image_size=16), "all")
+    assert [text for _, text in data.pairs] == ["café crème", "a cat\non two lines", 'a "quoted" dog']
+    assert [path.name for path, _ in data.pairs] == ["0.png", "1.png", "2.png"]
+
+
+def test_tsv_in_utf16_with_a_byte_order_mark_is_read(tmp_path):
+    write_images(tmp_path / "img", 2)
+    text = "filepath\ttitle\r\nimg/0.png\tNaïve café\r\nimg/1.png\t日本の猫\r\n"
+    (tmp_path / "pairs.tsv").write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    data = CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "pairs.tsv"), image_size=16), "all")
+    assert [text for _, text in data.pairs] == ["Naïve café", "日本の猫"]
+    (tmp_path / "big.tsv").write_bytes(b"\xfe\xff" + text.encode("utf-16-be"))
+    big = CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "big.tsv"), image_size=16), "all")
+    assert [text for _, text in big.pairs] == ["Naïve café", "日本の猫"]
+
+
+def test_csv_in_another_encoding_is_refused_naming_the_line_and_the_byte(tmp_path):
+    write_images(tmp_path / "img", 2)
+    text = "filepath,title\nimg/0.png,a dog\nimg/1.png,café crème\n"
+    (tmp_path / "latin.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(MaskkitError, match=r"latin.csv: not UTF-8 \(byte 0xe9 at line 3; as Latin-1 or Windows-1252 "
+                                           r"it reads 'img/1.png,café crème'\); save it as UTF-8"):
+        CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "latin.csv")), "all")
+    (tmp_path / "wide.csv").write_bytes(text.encode("utf-16-le"))     # UTF-16 without a byte-order mark
+    with pytest.raises(MaskkitError, match=r"wide.csv: .*NUL bytes.*UTF-16 without a byte-order mark"):
+        CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "wide.csv")), "all")
+
+
+def test_an_unclosed_quote_is_refused_instead_of_swallowing_the_rows_after_it(tmp_path):
+    write_images(tmp_path / "img", 3)
+    (tmp_path / "pairs.csv").write_text('filepath,title\nimg/0.png,"a cat\nimg/1.png,a dog\nimg/2.png,a bird\n')
+    with pytest.raises(MaskkitError, match=r"pairs.csv: not a valid CSV file at line 2 \(unexpected end of data"):
+        CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "pairs.csv")), "all")
+
+
+def test_a_row_with_more_fields_than_the_header_is_skipped_and_named_not_cut(tmp_path, caplog):
+    write_images(tmp_path / "img", 3)
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimg/0.png,a cat\nimg/1.png,a dog, sitting\n\n"
+                                        'img/2.png,"a bird, flying"\n')
+    with caplog.at_level("WARNING", logger="maskkit"):
+        data = CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "pairs.csv")), "all")
+    assert [text for _, text in data.pairs] == ["a cat", "a bird, flying"]
+    assert "skipped 1 rows with more fields than the header's 2 (the first at line 3): an unquoted comma" in caplog.text
+
+
+def test_shard_captions_honour_byte_order_marks_and_refuse_other_encodings(tmp_path, caplog):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder / "000.tar", [("0000", {"png": png_bytes(1), "txt": "\ufeffcafé crème".encode()}),
+                                     ("0001", {"png": png_bytes(2), "txt": "\ufeff日本の猫".encode("utf-16-le")})])
+    write_shard(folder / "001.tar", [("0100", {"png": png_bytes(3), "txt": "crème brûlée".encode("latin-1")})])
+    cfg = PairDataConfig(name="shards", path=str(folder), image_size=16, context_length=16, vocab_size=64)
+    from maskkit.data.pairs import Shards
+
+    shards = Shards(cfg, "all")
+    assert [shards[i]["text"] for i in range(2)] == ["café crème", "日本の猫"]
+    # A later shard's caption that is not UTF-8 is skipped like an image that does not decode, and named.
+    assert shards[2].path.endswith("001.tar:0100.txt") and "byte 0xe8" in shards[2].reason
+    from maskkit.data.pairs import captions_of
+
+    assert captions_of(shards) == ["café crème", "日本の猫"]
+    assert "001.tar:0100.txt" in caplog.text
+    # In the first shard, which is read in full before training, it fails at once.
+    write_shard(folder / "000.tar", [("0000", {"png": png_bytes(1), "txt": "crème".encode("latin-1")})])
+    with pytest.raises(MaskkitError, match=r"000.tar:0000.txt: not UTF-8 \(byte 0xe8 at line 1"):
+        Shards(cfg, "all")

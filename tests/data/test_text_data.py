@@ -1,4 +1,4 @@
-"""The text data layer: the bundled corpus, the user's files (broken lines included), the split, packing."""
+"""The text data layer: the bundled corpus, the user's files (as editors save them), the split, packing."""
 
 import json
 import logging
@@ -62,16 +62,16 @@ def test_training_blocks_are_the_train_split_tokenised_and_carry_index_and_epoch
     assert batch["ids"][0, 1:].tolist() == (first + [special.sep])[:31]
 
 
-def test_txt_documents_by_line_or_blank_line_with_broken_lines_skipped_and_counted(tmp_path, caplog):
+def test_txt_documents_by_line_or_blank_line_with_empty_lines_skipped_and_counted(tmp_path, caplog):
     path = tmp_path / "corpus.txt"
-    path.write_bytes(b"first document here\n\nsecond \xff\xfe broken\nthird line\n   \nfourth\n")
+    path.write_bytes(b"first document here\n\nsecond line\nthird line\n   \nfourth\n")
     with caplog.at_level(logging.WARNING, logger="maskkit"):
         corpus = read_corpus(TextDataConfig(name="txt", path=str(path)))
-    assert [d.text for d in corpus.documents] == ["first document here", "third line", "fourth"]
-    assert corpus.skipped == {"empty": 2, "invalid UTF-8": 1}
-    assert f"{path}:3" in caplog.text and "invalid UTF-8" in caplog.text
+    assert [d.text for d in corpus.documents] == ["first document here", "second line", "third line", "fourth"]
+    assert corpus.skipped == {"empty": 2}
+    assert f"skipped 2 documents (empty; the first at {path}:2)" in caplog.text
     paragraphs = read_corpus(TextDataConfig(name="txt", path=str(path), documents="blank")).documents
-    assert [d.text for d in paragraphs] == ["first document here", "third line", "fourth"]
+    assert [d.text for d in paragraphs] == ["first document here", "second line third line", "fourth"]
     path.write_text("a b\nc d\n\ne f\n")
     assert [d.text for d in read_corpus(TextDataConfig(name="txt", path=str(path), documents="blank")).documents] == [
         "a b c d", "e f"]
@@ -159,3 +159,57 @@ def test_tokenizer_train_command_writes_a_usable_vocabulary(tmp_path, capsys):
     assert main(["tokenizer", "train", "--out", str(out), "data.name=txt"]) == 2
     assert "data.path" in capsys.readouterr().err
     assert torch.is_tensor(ids)
+
+
+# Files as people make them: Notepad's "Unicode" (UTF-16 LE with a byte-order mark, CRLF), PowerShell's UTF-8
+# (with a byte-order mark), a Latin-1 file, a UTF-16 file without a mark, a folder of mixed files.
+
+
+def test_txt_and_jsonl_with_byte_order_marks_and_crlf_are_read_as_written(tmp_path):
+    notepad = tmp_path / "notepad.txt"
+    notepad.write_bytes(b"\xff\xfe" + "café crème\r\nnaïve 日本\r\n\r\nlast line\r\n".encode("utf-16-le"))
+    assert [d.text for d in read_corpus(TextDataConfig(name="txt", path=str(notepad))).documents] == [
+        "café crème", "naïve 日本", "last line"]
+    big_endian = tmp_path / "big.txt"
+    big_endian.write_bytes(b"\xfe\xff" + "one\ntwo\n".encode("utf-16-be"))
+    assert [d.text for d in read_corpus(TextDataConfig(name="txt", path=str(big_endian))).documents] == ["one", "two"]
+    utf8 = tmp_path / "docs.jsonl"
+    rows = [{"text": "crème brûlée", "label": "food"}, {"text": "line\u2028separator kept", "label": "x"}]
+    utf8.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
+    corpus = read_corpus(TextDataConfig(name="jsonl", path=str(utf8), label_field="label"))
+    assert [d.text for d in corpus.documents] == ["crème brûlée", "line\u2028separator kept"]
+    assert corpus.skipped == {}
+
+
+def test_text_in_another_encoding_is_refused_naming_the_file_the_line_and_the_byte(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("first line\nsecond line\ncafé crème\n".encode("latin-1"))
+    with pytest.raises(MaskkitError, match=r"latin.txt: not UTF-8 \(byte 0xe9 at line 3.*Latin-1.*'café crème'"):
+        read_corpus(TextDataConfig(name="txt", path=str(latin)))
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes("no byte-order mark\n".encode("utf-16-le"))
+    with pytest.raises(MaskkitError, match=r"wide.txt: .*NUL bytes.*UTF-16 without a byte-order mark"):
+        read_corpus(TextDataConfig(name="txt", path=str(wide)))
+    (tmp_path / "wide.jsonl").write_bytes('{"text": "x"}\n'.encode("utf-16-be"))
+    with pytest.raises(MaskkitError, match=r"wide.jsonl: .*NUL bytes"):
+        read_corpus(TextDataConfig(name="jsonl", path=str(tmp_path / "wide.jsonl")))
+
+
+def test_a_folder_reads_txt_and_jsonl_in_path_order_and_names_the_files_it_leaves_out(tmp_path, caplog):
+    folder = tmp_path / "corpus"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_text("from a.txt\n")
+    (folder / "b" / "c.jsonl").write_text(json.dumps({"text": "from c.jsonl"}) + "\n")
+    (folder / "b" / "d.TXT").write_text("from d.TXT\n")           # Windows' upper-case suffix
+    (folder / "e.jsonl").write_text(json.dumps({"text": "from e.jsonl"}) + "\n")
+    (folder / "notes.md").write_text("# not a corpus file\n")
+    (folder / "paper.pdf").write_bytes(b"%PDF-1.4")
+    (folder / ".hidden.txt").write_text("editor state\n")            # hidden files are never corpus files
+    with caplog.at_level(logging.WARNING, logger="maskkit"):
+        corpus = read_corpus(TextDataConfig(name="txt", path=str(folder)))
+    assert [d.text for d in corpus.documents] == ["from a.txt", "from c.jsonl", "from d.TXT", "from e.jsonl"]
+    assert "skipped 2 files that are not .txt, .jsonl or .json (.md, .pdf): notes.md, paper.pdf" in caplog.text
+    # The folder is read the same whichever of the two kinds data.name says; its left-out files are named once.
+    again = read_corpus(TextDataConfig(name="jsonl", path=str(folder)))
+    assert [d.text for d in again.documents] == [d.text for d in corpus.documents]
+    assert caplog.text.count("notes.md") == 1
