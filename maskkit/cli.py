@@ -157,7 +157,10 @@ def run(args) -> int:
               f"least {size} (model.text.vocab_size, or model.vocab_size for xlnet; pmlm needs one more)")
         return 0
     if args.command == "validate":
+        from maskkit.train.loop import check_before_training
+
         cfg = configs.load_config(args.config, args.overrides)
+        check_before_training(cfg)
         print(f"{args.config}: ok ({cfg.method}, {cfg.train.steps} steps, batch {cfg.train.batch_size})")
         return 0
     if args.command == "train":

@@ -9,15 +9,18 @@ data set slots in without touching them:
                    augmented (images) or tokenised (text), with the keys as batch["seed"]
 """
 
+import glob
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from maskkit.data.common import collate
 from maskkit.data.images import build_image_dataset
+from maskkit.errors import MaskkitError
 
 log = logging.getLogger("maskkit")
 
@@ -61,3 +64,60 @@ def build_data(cfg, split: str = "train") -> Data:
     return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.normalize, augment.denormalize,
                 None, list(cfg.mean), list(cfg.std))
 
+
+
+# What data.tokenizer may be for each data kind (a path to a tokenizer.json besides), for the messages.
+TOKENIZERS = {"text": "wiki, minilm or a path to a tokenizer.json (e.g. one made by `maskkit tokenizer train`)",
+              "pairs": "captions (learnt from the training captions), minilm or a path to a tokenizer.json"}
+
+
+def check_sources(cfg, tokenizer: bool = True) -> None:
+    """The files and folders `cfg` (a data config) names exist and are of the kind its reader expects, without
+    reading any data: the checks `maskkit validate` shares with `train`, so both say the same thing.
+
+    `tokenizer=False` leaves data.tokenizer out (a resumed text run reads the vocabulary pinned in its run).
+    """
+    kind = getattr(cfg, "kind", "image")
+    path = Path(cfg.path).expanduser() if getattr(cfg, "path", "") else None
+    names = cfg.name.split("+")
+    if kind == "image" and "folder" in names:
+        _require_folder(path, "data.name=folder reads a folder of images (class sub-folders give labels)")
+    elif kind == "pairs" and cfg.name == "csv":
+        _require_file(path, "data.name=csv reads one .csv or .tsv file")
+    elif kind == "pairs" and cfg.name == "shards":
+        if path is not None and not path.is_dir() and not glob.glob(str(path)):
+            raise MaskkitError(f"data.path: {path} does not exist (data.name=shards reads a folder of .tar shards, "
+                               "or a glob like shards/*.tar)")
+    elif kind == "text" and cfg.name in ("txt", "jsonl"):
+        if path is not None and not path.exists():
+            raise MaskkitError(f"data.path: {path} does not exist (data.name={cfg.name} reads a file, or a folder "
+                               "of .txt and .jsonl files)")
+    elif kind == "text" and cfg.name == "hf":
+        _require_folder(path, "data.name=hf reads a folder written by datasets' save_to_disk")
+    if tokenizer and kind in TOKENIZERS:
+        named = ("wiki", "minilm") if kind == "text" else ("captions", "minilm")
+        if cfg.tokenizer not in named:
+            if cfg.tokenizer in ("wiki", "minilm", "captions"):
+                raise MaskkitError(f"data.tokenizer={cfg.tokenizer} is not for data.kind={kind}; use {TOKENIZERS[kind]}")
+            found = Path(cfg.tokenizer).expanduser()
+            if not found.is_file():
+                what = "is a folder, not a tokenizer.json" if found.is_dir() else "does not exist"
+                raise MaskkitError(f"data.tokenizer: {found} {what}; for data.kind={kind} use {TOKENIZERS[kind]}")
+
+
+def _require_folder(path: Path | None, reads: str) -> None:
+    if path is None:
+        return                                   # the config check names the empty data.path
+    if path.is_file():
+        raise MaskkitError(f"data.path: {path} is a file, not a folder ({reads})")
+    if not path.is_dir():
+        raise MaskkitError(f"data.path: {path} does not exist ({reads})")
+
+
+def _require_file(path: Path | None, reads: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise MaskkitError(f"data.path: {path} is a folder, not a file ({reads})")
+    if not path.is_file():
+        raise MaskkitError(f"data.path: {path} does not exist ({reads})")

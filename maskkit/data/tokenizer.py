@@ -115,7 +115,7 @@ class Tokenizer:
     def from_file(cls, path: str | Path, context_length: int) -> "Tokenizer":
         path = Path(path).expanduser()
         if not path.is_file():
-            raise MaskkitError(f"data.tokenizer: {path} does not exist (expected a tokenizer.json, 'minilm' or 'captions')")
+            raise MaskkitError(f"data.tokenizer: {path} does not exist (expected a tokenizer.json)")
         try:
             backend = _tokenizers().Tokenizer.from_file(str(path))
         except Exception as error:    # the Rust library raises a bare Exception for a malformed file

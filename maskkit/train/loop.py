@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from maskkit import collectives
 from maskkit.config import Config, apply_overrides, config_changes, config_from_dict, config_to_dict, save_config
-from maskkit.data import Data, build_data
+from maskkit.data import Data, build_data, check_sources
 from maskkit.data.common import batch_size_of, report_unreadable
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
@@ -136,10 +136,23 @@ def check_resume_config(cfg: Config, saved: dict, run_dir: Path) -> None:
         )
 
 
+def check_before_training(cfg: Config, resume: bool = False) -> None:
+    """What can be checked before any data is read or weights are built: the data's files and folders exist
+    and are of the right kind, data.tokenizer suits the data, train.init_from holds a checkpoint.
+    `maskkit validate` runs exactly these, so it refuses what `train` would refuse, with the same words."""
+    check_sources(cfg.data, tokenizer=not resume)       # a resumed run reads the vocabulary pinned in it
+    if cfg.train.init_from and not resume:
+        try:
+            checkpoint.find_checkpoint(cfg.train.init_from)
+        except MaskkitError as error:
+            raise MaskkitError(f"train.init_from: {error}") from None
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: int | None = None,
           progress: bool = True) -> TrainResult:
     """Train `cfg` into `run_dir`. `stop_at_step` checkpoints and returns early, as an interrupted run would."""
     run_dir = Path(run_dir)
+    check_before_training(cfg, resume)
     info = distributed.setup(cfg.train.device)
     if cfg.train.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.train.threads)
