@@ -123,7 +123,8 @@ def format_eval(result: dict) -> str:
         lines.append(f"  majority class: {result['majority']:.3f}")
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
-    lines.append(f"checkpoint {result['checkpoint']}; recorded in {result['eval_json']}")
+    recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
+    lines.append(f"checkpoint {result['checkpoint']}; {recorded}")
     return "\n".join(lines)
 
 
@@ -181,6 +182,9 @@ def run(args) -> int:
 
         result = evaluate(args.path, args.protocol, args.overrides, device=args.device)
         print(format_eval(result))
+        if result.get("not_recorded"):
+            # The result is printed, so the work is not lost; the status says it was not saved.
+            raise MaskkitError(f"the result above is not recorded: {result['not_recorded']}")
         return 0
     if args.command == "demo":
         from maskkit.demo import demo, demo_flip, demo_text

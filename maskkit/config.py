@@ -205,6 +205,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     """Every key's valid range, and the checks across keys; the method's config checks its own keys."""
     from maskkit.methods import METHODS
 
+    # `maskkit train` without --out writes to runs/<name>: one folder name keeps it there (`../x` would not,
+    # and an empty name would write into runs/ itself).
+    require(cfg.name not in ("", ".", "..") and not set(cfg.name) & set("/\\\0"), source, "name", cfg.name,
+            "one folder name (not empty, '.' or '..', no '/'): the run's folder runs/<name>")
     o, t, e = cfg.optim, cfg.train, cfg.eval
     require_float(source, "optim.base_lr", o.base_lr, 0.0)
     require_float(source, "optim.min_lr", o.min_lr, 0.0)

@@ -1,18 +1,54 @@
-"""Small file helpers that training, evaluation and the demo share: atomic writes, file modes, plots."""
+"""Small file helpers that training, evaluation and the demo share: atomic writes, write errors, file modes, plots."""
 
+import contextlib
 import os
+import re
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from maskkit.errors import MaskkitError
+
+
+def cannot_write(path: Path, error: Exception) -> str:
+    """'cannot write PATH: CAUSE' for a failed write (a read-only folder, a full disk).
+
+    PATH is what the caller writes (a run directory, a checkpoint), not the temporary the error may
+    name. safetensors' error wraps the cause ("Error while serializing: I/O error: No space left on
+    device (os error 28)"); it is unwrapped to read as an OSError's does.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot write {path}: {error.strerror}"
+    cause = re.sub(r" \(os error \d+\)$", "", str(error).split("I/O error: ")[-1])
+    return f"cannot write {path}: {cause}"
+
+
+@contextlib.contextmanager
+def writing(path: Path, consequence: str = ""):
+    """Turn a failed write inside the block into one MaskkitError: the path, the cause, then `consequence`."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise MaskkitError(cannot_write(path, error) + consequence) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write under a temporary name (carrying this PID) and rename: readers see the old file or the new."""
+    """Write under a temporary name (carrying this PID) and rename: readers see the old file or the new.
+
+    A failed write (a full disk) removes its temporary, so it leaves the old file and nothing else.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):     # a read-only folder has no temporary to remove
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:

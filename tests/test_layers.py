@@ -14,7 +14,7 @@ PACKAGE = Path(maskkit.__file__).parent
 # Lowest first. Modules of one layer may import each other (without a circle); nn and data are side by
 # side and must not import each other.
 LAYERS = [
-    ("maskkit", "maskkit.errors", "maskkit.files", "maskkit.rng", "maskkit.collectives"),
+    ("maskkit", "maskkit.errors", "maskkit.files", "maskkit.runlock", "maskkit.rng", "maskkit.collectives"),
     ("maskkit.nn", "maskkit.data"),
     ("maskkit.methods",),
     ("maskkit.interop", "maskkit.config"),

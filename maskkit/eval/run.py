@@ -24,9 +24,10 @@ from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune, labels_per_class
 from maskkit.eval.knn import knn_accuracy
 from maskkit.eval.linear_probe import linear_probe
-from maskkit.files import atomic_write_text
+from maskkit.files import atomic_write_text, writing
 from maskkit.methods import build_method
 from maskkit.nn.transformer import ViT, ViTConfig
+from maskkit.runlock import RunLock
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 
@@ -34,6 +35,7 @@ log = logging.getLogger("maskkit")
 PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "seq2seq")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 TEXT_PROTOCOLS = ("text-classify", "seq2seq")
+RECORD_WAIT_S = 3.0    # another eval holds the run's lock for the milliseconds of its own write
 
 
 def find_weights(path: str | Path) -> Path:
@@ -388,12 +390,22 @@ def evaluate(
     `overrides` are dotted `key=value` strings for the data and eval sections (e.g. `eval.knn_k=10`,
     `data.name=folder`, `data.path=DIR`). Returns the result and records it under its protocol in the
     run's eval.json, next to the results of the other protocols.
+
+    Writing eval.json makes eval a writer of the run directory, so it takes the run's lock
+    (`maskkit.runlock`) for the read-modify-write of eval.json: a run that is training refuses it, and
+    two evals of one run keep both results. The lock is checked before the work too, so a refusal comes
+    at once rather than after it. A result that cannot be recorded (a read-only folder, a full disk, a
+    run that started training meanwhile) is still returned, with "eval_json" None and the reason in
+    "not_recorded".
     """
     _check_protocol(protocol)
     for override in overrides:
         if override.strip().startswith("model."):
             raise MaskkitError(f"override {override!r}: the model's shape comes from the saved weights, not the config")
     source = find_weights(path)
+    lock = RunLock(_eval_json_path(source).parent, f"eval records its result in {_eval_json_path(source)}, so run it "
+                   "when that finishes (or evaluate a copy of the checkpoint)")
+    lock.check_free(wait=RECORD_WAIT_S)
     if protocol in TWO_TOWER_PROTOCOLS:
         method, cfg = load_method(source)
     elif protocol in TEXT_PROTOCOLS:
@@ -415,13 +427,25 @@ def evaluate(
     else:
         result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
     result["checkpoint"] = str(source)
-    path = _eval_json_path(source)
     try:
-        recorded = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        recorded = {}
-    recorded = recorded if isinstance(recorded, dict) else {}
-    result["eval_json"] = str(path)
-    recorded[protocol] = result
-    atomic_write_text(path, json.dumps(recorded, indent=1) + "\n")
+        record(result, _eval_json_path(source), lock)
+    except MaskkitError as error:
+        result["eval_json"], result["not_recorded"] = None, str(error)
     return result
+
+
+def record(result: dict, path: Path, lock: RunLock) -> None:
+    """Add `result` under its protocol to eval.json at `path`, keeping the other protocols' results."""
+    with writing(path):
+        lock.acquire(wait=RECORD_WAIT_S)
+        try:
+            try:
+                recorded = json.loads(path.read_text()) if path.is_file() else {}
+            except json.JSONDecodeError:
+                recorded = {}
+            recorded = recorded if isinstance(recorded, dict) else {}
+            result["eval_json"] = str(path)
+            recorded[result["protocol"]] = result
+            atomic_write_text(path, json.dumps(recorded, indent=1) + "\n")
+        finally:
+            lock.release()

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maskkit.errors import MaskkitError
-from maskkit.files import atomic_write_text, publish_mode
+from maskkit.files import atomic_write_text, cannot_write, publish_mode
 
 FORMAT_VERSION = 1
 
@@ -85,12 +85,29 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
                     loss: float | None = None) -> Path:
     """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it.
 
-    `loss` is the training loss of the last step, so resuming a finished run can report it.
+    `loss` is the training loss of the last step, so resuming a finished run can report it. A failed
+    write (a full disk, a read-only folder) removes its partial checkpoint and raises a MaskkitError
+    naming the file and the cause; `latest` still points at the previous checkpoint, which is untouched.
     """
     directory = Path(run_dir) / "checkpoints"
-    directory.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     tmp = directory / f".tmp-{name}-{os.getpid()}"
+    latest = directory / "latest"
+    previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
+                else "no checkpoint was written before")
+    try:
+        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss)
+    except (OSError, SafetensorError) as error:
+        # Free what the failed write took (on a full disk, that is what the next try needs).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MaskkitError(f"{cannot_write(directory / name, error)}; {previous}") from None
+    _prune(directory, keep, protect=name)
+    return directory / name
+
+
+def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, step: int, config: dict,
+                      loss: float | None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
@@ -111,8 +128,6 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
         shutil.rmtree(final)
     os.rename(tmp, final)
     atomic_write_text(directory / "latest", name + "\n")
-    _prune(directory, keep, protect=name)
-    return final
 
 
 def _prune(directory: Path, keep: int, protect: str) -> None:
@@ -204,7 +219,11 @@ def export_module(module, config: dict, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(weights, tmp, metadata={"config": json.dumps(config)})
-    publish_mode(tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(weights, tmp, metadata={"config": json.dumps(config)})
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)       # a full disk: leave no half-written file taking its space
+        raise
     return path

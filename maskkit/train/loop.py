@@ -26,8 +26,10 @@ from maskkit.data import Data, build_data, check_sources
 from maskkit.data.common import batch_size_of, report_unreadable
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
+from maskkit.files import cannot_write, writing
 from maskkit.methods import build_method
 from maskkit.rng import Stream, sample_keys, scalar_seed
+from maskkit.runlock import RunLock
 from maskkit.train import checkpoint, distributed
 from maskkit.train.metrics import plot_loss_curve, start_metrics
 from maskkit.train.optim import build_optimizer, lr_at, peak_learning_rate
@@ -148,12 +150,42 @@ def check_before_training(cfg: Config, resume: bool = False) -> None:
             raise MaskkitError(f"train.init_from: {error}") from None
 
 
+def _last_checkpoint(run_dir: Path) -> str:
+    """What a run stopped by an error keeps, for the error's message."""
+    if (run_dir / "checkpoints" / "latest").exists():
+        return f"the last good checkpoint is {checkpoint.find_checkpoint(run_dir)}"
+    return "no checkpoint was written yet"
+
+
+def _refuse_a_second_run(run_dir: Path) -> None:
+    if (run_dir / "checkpoints" / "latest").exists():
+        raise MaskkitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: int | None = None,
           progress: bool = True) -> TrainResult:
-    """Train `cfg` into `run_dir`. `stop_at_step` checkpoints and returns early, as an interrupted run would."""
-    run_dir = Path(run_dir)
+    """Train `cfg` into `run_dir`. `stop_at_step` checkpoints and returns early, as an interrupted run would.
+
+    The run owns `run_dir` while it trains (RUN/.lock, see `maskkit.runlock`): another train, --resume or
+    eval of it is refused with the holder's name. Only rank 0 writes the run directory, so only rank 0
+    takes the lock, and the ranks of one run do not refuse each other. A write that fails (a read-only
+    folder, a full disk) stops the run with one MaskkitError naming the path and the cause; the
+    checkpoints written before it are intact.
+    """
     check_before_training(cfg, resume)
+    lock = RunLock(run_dir, "wait for it to finish, or train into another --out")
+    try:
+        return _train(cfg, Path(run_dir), lock, resume, stop_at_step, progress)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step: int | None,
+           progress: bool) -> TrainResult:
     info = distributed.setup(cfg.train.device)
+    if info.is_main and run_dir.is_dir():
+        with writing(run_dir):
+            lock.acquire()  # before reading anything of the run: a second writer is refused at once
     if cfg.train.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.train.threads)
     tcfg = cfg.train
@@ -181,8 +213,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
         if info.is_main:
             log.info("resumed from %s at step %d", found, start_step)
     else:
-        if (run_dir / "checkpoints" / "latest").exists():
-            raise MaskkitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        _refuse_a_second_run(run_dir)
         if tcfg.init_from:
             found = checkpoint.find_checkpoint(tcfg.init_from)
             checkpoint.load_weights(method, found)
@@ -194,12 +225,18 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     data = build_data(run_vocabulary(cfg.data, run_dir) if resume else cfg.data, "train")
     method.check_data(data)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoint.remove_stale_temporaries(run_dir):
-            log.info("removed %s, left by a process that died while writing it", stale)
-        if not resume:
-            save_config(cfg, run_dir / "config.yaml")
-            pin_vocabulary(cfg.data, data.tokenizer, run_dir)
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if lock.fd is None:
+                # The folder did not exist when this run started: another may have made it (and finished) since.
+                lock.acquire()
+                if not resume:
+                    _refuse_a_second_run(run_dir)
+            for stale in checkpoint.remove_stale_temporaries(run_dir):
+                log.info("removed %s, left by a process that died while writing it", stale)
+            if not resume:
+                save_config(cfg, run_dir / "config.yaml")
+                pin_vocabulary(cfg.data, data.tokenizer, run_dir)
     config_dict = config_to_dict(cfg)
 
     sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,
@@ -214,8 +251,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     # bf16 autocast on CUDA, or on a CPU with AMX (4x fp32 there; ~400x slower on a CPU without it).
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16"
                 else contextlib.nullcontext())
-    metrics_file = start_metrics(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
-    writer = _metrics_writer(run_dir) if info.is_main else None
+    with writing(run_dir):
+        metrics_file = start_metrics(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
+        writer = _metrics_writer(run_dir) if info.is_main else None
     end_step = min(tcfg.steps, stop_at_step) if stop_at_step is not None else tcfg.steps
     progress = Progress(f"{cfg.method} {cfg.name}", start_step, tcfg.steps, enabled=progress and info.is_main)
     unreadable: set[str] = set()
@@ -273,10 +311,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                 step_loss = collectives.all_reduce_mean(step_loss)
                 loss_value = float(step_loss)
                 if not math.isfinite(loss_value):
-                    latest = run_dir / "checkpoints" / "latest"
-                    kept = (f"the last good checkpoint is {checkpoint.find_checkpoint(run_dir)}" if latest.exists()
-                            else "no checkpoint was written yet")
-                    raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, {kept}")
+                    raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, "
+                                       f"{_last_checkpoint(run_dir)}")
                 final_loss = loss_value
                 if cfg.optim.clip_grad > 0:
                     grad_norm = distributed.clip_gradients(model, cfg.optim.clip_grad)
@@ -292,11 +328,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
                         row["grad_norm"] = float(grad_norm)
                     if unreadable:
                         row["unreadable_files"] = len(unreadable)
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    if writer is not None:
-                        for key, value in row.items():
-                            writer.add_scalar(f"train/{key}", value, done)
+                    try:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                        if writer is not None:
+                            for key, value in row.items():
+                                writer.add_scalar(f"train/{key}", value, done)
+                    except OSError as error:
+                        raise MaskkitError(f"{cannot_write(run_dir / 'metrics.jsonl', error)}; "
+                                           f"{_last_checkpoint(run_dir)}") from None
                     progress.report(row)
                     samples_seen, tic = 0, time.perf_counter()
             progress.update(done)
@@ -306,20 +346,26 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
         step = end_step
     finally:
         progress.close()
+        # Every row was flushed when written, so closing can fail only after a write did, and that failure
+        # is the error on its way up; a second one raised here would hide it.
         if metrics_file is not None:
-            metrics_file.close()
+            with contextlib.suppress(OSError):
+                metrics_file.close()
         if writer is not None:
-            writer.close()
+            with writing(run_dir / "tensorboard"):
+                writer.close()
 
     unreadable = collectives.union_of_sets(unreadable)
     backbone_path = None
     if info.is_main and step == tcfg.steps:
-        for name, (module, module_cfg) in method.exports().items():
-            path = checkpoint.export_module(module, module_cfg, run_dir / f"{name}.safetensors")
-            backbone_path = path if name == "backbone" else backbone_path
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        if last_batch is not None:
-            method.save_figures(prepare(data, last_batch, tcfg.seed, info.device), run_dir, data.denormalize)
+        # The training itself is in the last checkpoint: resuming the finished run writes these again.
+        with writing(run_dir, f"; {_last_checkpoint(run_dir)} (--resume writes the exports and figures again)"):
+            for name, (module, module_cfg) in method.exports().items():
+                path = checkpoint.export_module(module, module_cfg, run_dir / f"{name}.safetensors")
+                backbone_path = path if name == "backbone" else backbone_path
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+            if last_batch is not None:
+                method.save_figures(prepare(data, last_batch, tcfg.seed, info.device), run_dir, data.denormalize)
     if info.is_main and unreadable:
         log.warning("skipped %d unreadable image files during training (each named above)", len(unreadable))
     collectives.barrier()

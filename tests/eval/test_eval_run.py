@@ -8,13 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from maskkit.cli import main
 from maskkit.config import config_from_dict, config_to_dict
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset
 from maskkit.errors import MaskkitError
 from maskkit.eval import evaluate, evaluate_backbones, load_backbone
+from maskkit.eval import run as eval_run
 from maskkit.methods import build_method
 from maskkit.nn.transformer import ViT, ViTConfig
+from maskkit.runlock import RunLock
 from maskkit.train.checkpoint import find_checkpoint
 from maskkit.train.loop import train
 
@@ -124,3 +127,46 @@ def test_evaluation_counts_and_names_undecodable_test_images(tmp_path, caplog):
     # Held out: 3 of the 5 cats (the broken one among them) and 2 of the 4 dogs: 4 readable test images.
     assert (result["num_train"], result["num_test"]) == (4, 4)
     assert "-truncated.png" in caplog.text
+
+
+@pytest.fixture
+def own_run(run_dir, tmp_path):
+    """A copy of the trained run that a test may lock or break."""
+    return shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval.json"))
+
+
+def test_eval_of_a_run_another_writer_holds_is_refused_before_its_work(own_run, monkeypatch):
+    monkeypatch.setattr(eval_run, "RECORD_WAIT_S", 0.0)
+    monkeypatch.setattr(eval_run, "evaluate_backbones", lambda *a, **k: pytest.fail("evaluated a run it cannot record"))
+    with RunLock(own_run, ""):                           # a `maskkit train --resume` of it, say
+        with pytest.raises(MaskkitError, match=rf"{own_run} is in use by .*; eval records its result in "
+                                               rf"{own_run / 'eval.json'}"):
+            evaluate(own_run, "knn")
+
+
+def test_eval_prints_its_result_when_eval_json_cannot_be_written(own_run, capsys):
+    (own_run / "eval.json").mkdir()                      # as root, chmod cannot make a file unwritable
+    code = main(["eval", str(own_run), "--protocol", "knn"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "knn on digits" in out and "pretrained" in out and "; not recorded" in out
+    assert err == (f"maskkit: error: the result above is not recorded: cannot write {own_run / 'eval.json'}: "
+                   "Is a directory\n")
+    assert not [p for p in own_run.iterdir() if "tmp-" in p.name]
+
+
+def test_eval_returns_its_result_when_a_writer_took_the_run_while_it_worked(own_run, monkeypatch):
+    monkeypatch.setattr(eval_run, "RECORD_WAIT_S", 0.0)
+    trainer = RunLock(own_run, "")
+    evaluate_backbones = eval_run.evaluate_backbones
+
+    def a_resume_starts_meanwhile(*args, **kwargs):
+        trainer.acquire()
+        return evaluate_backbones(*args, **kwargs)
+
+    monkeypatch.setattr(eval_run, "evaluate_backbones", a_resume_starts_meanwhile)
+    try:
+        result = evaluate(own_run, "knn", progress=False)
+    finally:
+        trainer.release()
+    assert result["pretrained"] > 0.3 and result["eval_json"] is None and "is in use by" in result["not_recorded"]
+    assert not (own_run / "eval.json").exists()

@@ -1,6 +1,8 @@
 """What a run directory says after crashes and resumes: the config it was started with, metrics that
-match the checkpoints, no stale temporaries, the real final loss, ordinary file modes."""
+match the checkpoints, no stale temporaries, the real final loss, ordinary file modes; what a write
+that fails (a full disk, a read-only folder) says and keeps; where a run's name may put it."""
 
+import errno
 import json
 import os
 import stat
@@ -9,6 +11,7 @@ import subprocess
 import pytest
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from maskkit.cli import main
@@ -149,3 +152,71 @@ def test_unusable_data_fails_before_the_run_directory_is_created(tmp_path, tiny_
     with pytest.raises(MaskkitError, match="no images"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+FULL = "No space left on device"
+
+
+def disk_full_at(monkeypatch, module, function: str, when):
+    """Make `module.function` fail as on a full disk when `when(path)`: safetensors' error for save_file."""
+    original = getattr(module, function)
+
+    def write(*args, **kwargs):
+        path = args[1] if function == "save_file" else args[0]
+        if when(path):
+            if function == "save_file":
+                raise SafetensorError(f"Error while serializing: I/O error: {FULL} (os error 28)")
+            raise OSError(errno.ENOSPC, FULL, str(path))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, function, write)
+
+
+@pytest.mark.parametrize("where", ["model.safetensors", "latest"])
+def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_path, tiny_config, monkeypatch,
+                                                                           where):
+    run, cfg = tmp_path / "run", tiny_config(train={"steps": 6, "checkpoint_every": 3})
+    if where == "latest":       # everything written and renamed, then `latest` cannot be replaced
+        disk_full_at(monkeypatch, checkpoint, "atomic_write_text",
+                     lambda path: path.name == "latest" and path.parent.joinpath("step_0000006").exists())
+    else:
+        disk_full_at(monkeypatch, checkpoint, "save_file", lambda path: "step_0000006" in str(path))
+    with pytest.raises(MaskkitError) as error:
+        train(cfg, run, progress=False)
+    assert str(error.value) == (f"cannot write {run / 'checkpoints' / 'step_0000006'}: {FULL}; "
+                                f"the previous checkpoint {run / 'checkpoints' / 'step_0000003'} is intact")
+    assert checkpoint.find_checkpoint(run) == run / "checkpoints" / "step_0000003"
+    assert not [p for p in run.rglob("*") if "tmp-" in p.name]
+    monkeypatch.undo()                                   # space freed: the run continues from step 3
+    assert train(cfg, run, resume=True, progress=False).final_step == 6
+
+
+def test_exports_that_cannot_be_written_are_written_again_by_resume(tmp_path, tiny_config, monkeypatch):
+    run, cfg = tmp_path / "run", tiny_config(train={"steps": 2})
+    disk_full_at(monkeypatch, checkpoint, "save_file", lambda path: "backbone" in str(path))
+    with pytest.raises(MaskkitError, match=rf"^cannot write {run}: {FULL}; the last good checkpoint is .*step_0000002 "
+                                           r"\(--resume writes"):
+        train(cfg, run, progress=False)
+    assert not (run / "backbone.safetensors").exists() and not [p for p in run.iterdir() if "tmp-" in p.name]
+    monkeypatch.undo()
+    assert train(cfg, run, resume=True, progress=False).backbone_path == run / "backbone.safetensors"
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"                       # a read-only folder would do the same, but not as root
+    recipe = write_yaml(tmp_path / "recipe.yaml", train={"steps": 2})
+    assert main(["train", recipe, "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"maskkit: error: cannot write {out}: Not a directory\n"
+
+
+@pytest.mark.parametrize("name", ["../../escape", "", "..", "a/b"])
+def test_a_run_name_is_one_folder_under_runs(tmp_path, monkeypatch, capsys, name):
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    recipe = write_yaml(tmp_path / "recipe.yaml", train={"steps": 2})
+    assert main(["train", recipe, f"name={name}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name must be one folder name" in err and repr(name) in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "recipe.yaml"]
