@@ -124,7 +124,8 @@ def format_eval(result: dict) -> str:
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
     recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
-    lines.append(f"checkpoint {result['checkpoint']}; {recorded}")
+    overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
+    lines.append(f"checkpoint {result['checkpoint']}{overrides}; {recorded}")
     return "\n".join(lines)
 
 

@@ -103,11 +103,12 @@ def test_overrides_work_before_and_after_options(tmp_path, tiny_yaml, capsys):
     assert code == 0 and "for 3 steps" in out
     code, out, _ = run_cli(capsys, "eval", str(run), "--protocol", "knn", "eval.knn_k=5", "--device", "cpu")
     assert code == 0
-    assert json.loads((run / "eval.json").read_text())["knn"]["protocol"] == "knn"
+    assert json.loads((run / "eval.json").read_text())["knn"][-1]["overrides"] == ["eval.knn_k=5"]
     # A readable table, not raw JSON: rows for both backbones and the gain, three decimals.
     lines = out.strip().splitlines()
     assert lines[0].startswith("knn on digits (1257 train / 540 test images)")
     assert [line.split()[0] for line in lines[1:4]] == ["pretrained", "random", "gain"]
+    assert lines[-1] == f"checkpoint {run / 'checkpoints' / 'step_0000003'} with eval.knn_k=5; recorded in {run / 'eval.json'}"
     assert all(len(line.split()[-1].split(".")[-1]) == 3 for line in lines[1:4])
     assert not out.lstrip().startswith("{")
 
