@@ -129,6 +129,18 @@ def format_eval(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_resume_recipe(config: str, recipe, saved, out: Path) -> None:
+    """--resume trains the run's saved config, not the recipe on the command line: a recipe of another method
+    is refused (it was surely meant for another run), one of another name is said to be unused."""
+    if recipe.method != saved.method:
+        raise MaskkitError(f"--resume: {out} is a {saved.method} run ({saved.name}), but {config} trains "
+                           f"{recipe.method} ({recipe.name}); resume it with {out / 'config.yaml'}, or train "
+                           f"{config} into another --out")
+    if recipe.name != saved.name:
+        logging.getLogger("maskkit").info("--resume: %s continues with its saved config (%s); the values of %s (%s) "
+                                          "are not used", out, saved.name, config, recipe.name)
+
+
 def run(args) -> int:
     from maskkit import config as configs
 
@@ -173,7 +185,8 @@ def run(args) -> int:
         if args.resume:
             # A resumed run trains the config it was started with; overrides may only restate it or change
             # how it runs (train.threads, ...), which `train` checks.
-            cfg = resume_config(out, args.overrides)
+            recipe, cfg = cfg, resume_config(out, args.overrides)
+            check_resume_recipe(args.config, recipe, cfg, out)
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import subprocess
 import sys
 
@@ -72,6 +73,26 @@ def test_checkpoint_from_another_method_is_refused(tmp_path, tiny_yaml, capsys):
     code, _, err = run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--resume", "--no-progress")
     assert code == 2 and "is a 'densecl' checkpoint, but the config trains 'mae'" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before   # nothing lost
+
+
+def test_resume_with_a_recipe_of_another_method_is_refused(tmp_path, tiny_yaml, capsys, caplog):
+    caplog.set_level(logging.INFO, "maskkit")
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--no-progress", "train.steps=1")[0] == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code, _, err = run_cli(capsys, "train", "mlm/tiny", "--out", str(run), "--resume", "--no-progress")
+    assert code == 2 and err == (f"maskkit: error: --resume: {run} is a mae run (tiny), but mlm/tiny trains mlm "
+                                 f"(mlm-tiny); resume it with {run / 'config.yaml'}, or train mlm/tiny into another "
+                                 "--out\n")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # Another recipe of the same method resumes the run's own config, and says so; the same recipe says nothing.
+    code, out, _ = run_cli(capsys, "train", "mae/tiny", "--out", str(run), "--resume", "--no-progress")
+    assert code == 0 and "trained mae for 1 steps" in out
+    assert f"--resume: {run} continues with its saved config (tiny); the values of mae/tiny (mae-tiny) are not used" \
+        in caplog.messages
+    caplog.clear()
+    assert run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--resume", "--no-progress")[0] == 0
+    assert not [m for m in caplog.messages if "are not used" in m]
 
 
 def test_recipe_commands(tmp_path, capsys):
