@@ -42,6 +42,26 @@ def pick_device(preference: str, local_rank: int = 0, setting: str = "train.devi
     return torch.device("cpu")
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX (Intel's bf16 matrix units, Sapphire Rapids on), without which bf16 matrix
+    products on the CPU are emulated and run many times slower than fp32."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)    # torch's own check (it also asks the kernel)
+    if probe is not None:
+        return bool(probe())
+    try:
+        return "amx_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+def slow_precision(precision: str, device: torch.device) -> str | None:
+    """A one-line warning when `precision` will be much slower than fp32 on `device`, else None."""
+    if precision != "bf16" or device.type != "cpu" or cpu_has_amx():
+        return None
+    return ("train.precision=bf16 on a CPU without AMX (Intel's bf16 matrix units): bf16 matrix products are "
+            "emulated there, about 13x slower than fp32; use train.precision=fp32 (bf16 pays on CUDA or an AMX CPU)")
+
+
 def setup(device_preference: str = "auto") -> DistInfo:
     """Join the process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
