@@ -46,7 +46,7 @@ def tiny_yaml(tmp_path):
         (["validate", "mae/tiny", "model.encoder.image_size=0", "data.image_size=0"],
          "data.image_size must be an integer in [1, 4096], got 0"),
         (["validate", "mae/tiny", "model.encoder.depth=0"], "model.encoder.depth must be at least 1, got 0"),
-        (["validate", "mae/tiny", "data.eval_split=1.5"], "data.eval_split must be a finite number in (0, 1), got 1.5"),
+        (["validate", "mae/tiny", "data.eval_split=1.5"], "data.eval_split must be a finite number in [0, 1), got 1.5"),
         (["validate", "mae/tiny", "data.crop_scale=[0.9,0.2]"], "data.crop_scale[1] must be a finite number in [0.9, 1]"),
         (["validate", "mae/tiny", "data.name=imagenet"], "data.name must be one of digits, photos, folder"),
         (["validate", "mae/tiny", "model.mask_ratio=0.99"], "small enough to keep at least one of the 64 patches"),

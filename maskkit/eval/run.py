@@ -256,6 +256,12 @@ def evaluate_backbones(
         protocols = [p for p in protocols if p != "dense-probe"]
         if not protocols:
             return results
+    if cfg.data.eval_split == 0:
+        raise MaskkitError(
+            f"{', '.join(protocols)}: the run has no held-out split (data.eval_split=0: it pretrained on every image "
+            f"of {cfg.data.name}); evaluate on another labelled set (data.name=folder data.path=DIR), or hold out "
+            "images it pretrained on with data.eval_split=0.3"
+        )
     train_set, test_set = labelled_dataset(cfg.data, "train"), labelled_dataset(cfg.data, "test")
     num_classes = train_set.dataset.num_classes    # both labelled sets (digits, folder) define it
     augment = ImageAugment(cfg.data)

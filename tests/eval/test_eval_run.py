@@ -184,6 +184,21 @@ def test_evaluation_counts_and_names_undecodable_test_images(tmp_path, caplog):
     assert "-truncated.png" in caplog.text
 
 
+def test_a_run_without_a_held_out_split_is_evaluated_only_on_one_named(tmp_path):
+    from tests.data.test_images import write_folder
+
+    root = write_folder(tmp_path / "images", corrupt=False)
+    run = tmp_path / "run"
+    train(config_from_dict({**TINY, "data": {"name": "folder", "path": str(root), "image_size": 16, "eval_split": 0},
+                            "train": {"steps": 1, "batch_size": 8}}), run, progress=False)
+    for protocol in ("knn", "linear", "finetune"):
+        with pytest.raises(MaskkitError, match=rf"^{protocol}: the run has no held-out split \(data.eval_split=0: it "
+                                               r"pretrained on every image of folder\); evaluate on another"):
+            evaluate(run, protocol)
+    result = evaluate(run, "knn", overrides=["data.eval_split=0.5", "eval.knn_k=2"], progress=False)
+    assert (result["num_train"], result["num_test"]) == (4, 4)
+
+
 @pytest.fixture
 def own_run(run_dir, tmp_path):
     """A copy of the trained run that a test may lock or break."""
