@@ -95,6 +95,23 @@ def test_resume_with_a_recipe_of_another_method_is_refused(tmp_path, tiny_yaml, 
     assert not [m for m in caplog.messages if "are not used" in m]
 
 
+def test_version_and_the_protocols_in_eval_help(capsys, monkeypatch):
+    import maskkit
+
+    monkeypatch.setenv("COLUMNS", "1000")           # argparse wraps to the terminal, at hyphens too
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"maskkit {maskkit.__version__}\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "(default: knn)" in help_text
+    assert "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, dense-probe" in help_text
+    assert "both towers of flip: zero-shot, retrieval" in help_text
+    assert "a text model (mlm, xlnet, pmlm): text-classify, seq2seq" in help_text
+
+
 def test_recipe_commands(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "ls")
     assert code == 0 and "mae/tiny" in out.split()

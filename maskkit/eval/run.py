@@ -181,7 +181,7 @@ def evaluate_two_towers(method, cfg: Config, protocol: str, device="cpu", seed: 
         torch.manual_seed(seed)
         random_init = build_method(cfg)
     models = {"pretrained": copy.deepcopy(method).to(device), "random_init": random_init.to(device)}
-    result = {"protocol": protocol, "dataset": data_cfg.name, "num_train": 0}
+    result = {"protocol": protocol, "dataset": data_cfg.name}       # no "num_train": nothing is trained
     if protocol == "zero-shot":
         names, templates = (CLASS_NAMES, SHAPE_TEMPLATES) if data_cfg.name == "shapes" else (DIGIT_NAMES, DIGIT_TEMPLATES)
         test = build_data(data_cfg, "test")
