@@ -445,7 +445,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Run `protocol` (linear | knn | finetune) on the backbone at `path` and on a random init of it.
+    """Run `protocol` (one of PROTOCOLS) on the model at `path` and on a random init of it.
 
     `overrides` are dotted `key=value` strings for the data and eval keys the protocol reads (`READS`, e.g.
     `eval.knn_k=10`, `data.name=folder`, `data.path=DIR`); any other key is refused. Returns the result, with
@@ -504,7 +504,7 @@ def read_results(path: Path) -> dict[str, list[dict]]:
         recorded = {}
     if not isinstance(recorded, dict):
         return {}
-    return {protocol: [results] if isinstance(results, dict) else list(results)
+    return {protocol: [results] if isinstance(results, dict) else [r for r in results if isinstance(r, dict)]
             for protocol, results in recorded.items() if isinstance(results, (dict, list))}
 
 

@@ -9,6 +9,7 @@ maskkit runs as a single process and every function here is a no-op.
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ def cpu_has_amx() -> bool:
     if probe is not None:
         return bool(probe())
     try:
-        return "amx_bf16" in open("/proc/cpuinfo").read()
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
 
