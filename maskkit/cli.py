@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from maskkit import __version__
 from maskkit.errors import MaskkitError
 
 
@@ -24,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maskkit", description="Masked and self-supervised pretraining.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"maskkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe: maskkit train CONFIG [key=value ...]")
@@ -35,11 +37,16 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
-    evaluate.add_argument("--protocol", choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
-                                                     "seq2seq"],
-                          default="knn")
-    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=10 data.name=folder")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--protocol", default="knn",
+                          choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
+                                   "seq2seq"],
+                          help="what to measure, on the run and on a random init of the same model (default: knn). "
+                               "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, "
+                               "dense-probe; both towers of flip: zero-shot, retrieval; a text model (mlm, xlnet, "
+                               "pmlm): text-classify, seq2seq")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the data and eval keys the protocol reads, "
+                                                       "e.g. eval.knn_k=10 data.name=folder data.path=DIR")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
 
     tokenizer = sub.add_parser("tokenizer", help="maskkit tokenizer train: learn a WordPiece vocabulary on a corpus")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -104,9 +111,10 @@ def format_eval(result: dict) -> str:
                 "seq2seq": f"ROUGE-L F1 of generated targets (beam {result.get('beam_size', 1)})",
                 "text-classify": "test accuracy after fine-tuning"}.get(result["protocol"], "accuracy")
     unit = "documents" if result["protocol"] in ("text-classify", "seq2seq") else "images"
+    # zero-shot and retrieval train nothing, so they have no training set to count.
+    train = f"{result['num_train']} train / " if "num_train" in result else ""
     lines = [
-        f"{result['protocol']} on {result['dataset']} ({result['num_train']} train / {result['num_test']} test {unit})"
-        f" -- {headline}",
+        f"{result['protocol']} on {result['dataset']} ({train}{result['num_test']} test {unit}) -- {headline}",
         f"  {'pretrained':<12} {pretrained:.3f}",
         f"  {'random init':<12} {random_init:.3f}",
         f"  {'gain':<12} {pretrained - random_init:+.3f}",
@@ -124,8 +132,21 @@ def format_eval(result: dict) -> str:
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
     recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
-    lines.append(f"checkpoint {result['checkpoint']}; {recorded}")
+    overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
+    lines.append(f"checkpoint {result['checkpoint']}{overrides}; {recorded}")
     return "\n".join(lines)
+
+
+def check_resume_recipe(config: str, recipe, saved, out: Path) -> None:
+    """--resume trains the run's saved config, not the recipe on the command line: a recipe of another method
+    is refused (it was surely meant for another run), one of another name is said to be unused."""
+    if recipe.method != saved.method:
+        raise MaskkitError(f"--resume: {out} is a {saved.method} run ({saved.name}), but {config} trains "
+                           f"{recipe.method} ({recipe.name}); resume it with {out / 'config.yaml'}, or train "
+                           f"{config} into another --out")
+    if recipe.name != saved.name:
+        logging.getLogger("maskkit").info("--resume: %s continues with its saved config (%s); the values of %s (%s) "
+                                          "are not used", out, saved.name, config, recipe.name)
 
 
 def run(args) -> int:
@@ -172,7 +193,8 @@ def run(args) -> int:
         if args.resume:
             # A resumed run trains the config it was started with; overrides may only restate it or change
             # how it runs (train.threads, ...), which `train` checks.
-            cfg = resume_config(out, args.overrides)
+            recipe, cfg = cfg, resume_config(out, args.overrides)
+            check_resume_recipe(args.config, recipe, cfg, out)
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")

@@ -12,14 +12,14 @@ import torch.distributed as dist
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks along dim 0; gradients flow back to each rank's own slice.
 
-    Built on the functional collectives (the autograd-aware `all_gather_tensor_autograd`), which
-    replace the deprecated `torch.distributed.nn.functional.all_gather`.
+    Built on the functional collectives (the autograd-aware `all_gather_single_autograd`), which
+    replace the deprecated `torch.distributed.nn.functional.all_gather` and `all_gather_tensor_autograd`.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
 
-    return wait_tensor(all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
+    return wait_tensor(all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def tiny_yaml(tmp_path):
         (["validate", "mae/tiny", "model.encoder.image_size=0", "data.image_size=0"],
          "data.image_size must be an integer in [1, 4096], got 0"),
         (["validate", "mae/tiny", "model.encoder.depth=0"], "model.encoder.depth must be at least 1, got 0"),
-        (["validate", "mae/tiny", "data.eval_split=1.5"], "data.eval_split must be a finite number in (0, 1), got 1.5"),
+        (["validate", "mae/tiny", "data.eval_split=1.5"], "data.eval_split must be a finite number in [0, 1), got 1.5"),
         (["validate", "mae/tiny", "data.crop_scale=[0.9,0.2]"], "data.crop_scale[1] must be a finite number in [0.9, 1]"),
         (["validate", "mae/tiny", "data.name=imagenet"], "data.name must be one of digits, photos, folder"),
         (["validate", "mae/tiny", "model.mask_ratio=0.99"], "small enough to keep at least one of the 64 patches"),
@@ -72,6 +73,43 @@ def test_checkpoint_from_another_method_is_refused(tmp_path, tiny_yaml, capsys):
     code, _, err = run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--resume", "--no-progress")
     assert code == 2 and "is a 'densecl' checkpoint, but the config trains 'mae'" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before   # nothing lost
+
+
+def test_resume_with_a_recipe_of_another_method_is_refused(tmp_path, tiny_yaml, capsys, caplog):
+    caplog.set_level(logging.INFO, "maskkit")
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--no-progress", "train.steps=1")[0] == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code, _, err = run_cli(capsys, "train", "mlm/tiny", "--out", str(run), "--resume", "--no-progress")
+    assert code == 2 and err == (f"maskkit: error: --resume: {run} is a mae run (tiny), but mlm/tiny trains mlm "
+                                 f"(mlm-tiny); resume it with {run / 'config.yaml'}, or train mlm/tiny into another "
+                                 "--out\n")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # Another recipe of the same method resumes the run's own config, and says so; the same recipe says nothing.
+    code, out, _ = run_cli(capsys, "train", "mae/tiny", "--out", str(run), "--resume", "--no-progress")
+    assert code == 0 and "trained mae for 1 steps" in out
+    assert f"--resume: {run} continues with its saved config (tiny); the values of mae/tiny (mae-tiny) are not used" \
+        in caplog.messages
+    caplog.clear()
+    assert run_cli(capsys, "train", str(tiny_yaml), "--out", str(run), "--resume", "--no-progress")[0] == 0
+    assert not [m for m in caplog.messages if "are not used" in m]
+
+
+def test_version_and_the_protocols_in_eval_help(capsys, monkeypatch):
+    import maskkit
+
+    monkeypatch.setenv("COLUMNS", "1000")           # argparse wraps to the terminal, at hyphens too
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"maskkit {maskkit.__version__}\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "(default: knn)" in help_text
+    assert "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, dense-probe" in help_text
+    assert "both towers of flip: zero-shot, retrieval" in help_text
+    assert "a text model (mlm, xlnet, pmlm): text-classify, seq2seq" in help_text
 
 
 def test_recipe_commands(tmp_path, capsys):
@@ -103,11 +141,12 @@ def test_overrides_work_before_and_after_options(tmp_path, tiny_yaml, capsys):
     assert code == 0 and "for 3 steps" in out
     code, out, _ = run_cli(capsys, "eval", str(run), "--protocol", "knn", "eval.knn_k=5", "--device", "cpu")
     assert code == 0
-    assert json.loads((run / "eval.json").read_text())["knn"]["protocol"] == "knn"
+    assert json.loads((run / "eval.json").read_text())["knn"][-1]["overrides"] == ["eval.knn_k=5"]
     # A readable table, not raw JSON: rows for both backbones and the gain, three decimals.
     lines = out.strip().splitlines()
     assert lines[0].startswith("knn on digits (1257 train / 540 test images)")
     assert [line.split()[0] for line in lines[1:4]] == ["pretrained", "random", "gain"]
+    assert lines[-1] == f"checkpoint {run / 'checkpoints' / 'step_0000003'} with eval.knn_k=5; recorded in {run / 'eval.json'}"
     assert all(len(line.split()[-1].split(".")[-1]) == 3 for line in lines[1:4])
     assert not out.lstrip().startswith("{")
 

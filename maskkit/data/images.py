@@ -51,7 +51,7 @@ class DataConfig:
     load_size: int = 0                # folder/photos images are loaded at this size for training (0 = image_size)
     in_channels: int = 3
     photo_crops: int = 4096           # samples in `photos` (fixed random crops of the sample photographs)
-    eval_split: float = 0.3           # held-out fraction for labelled sets (digits, folder with classes)
+    eval_split: float = 0.3           # held-out fraction for labelled sets (digits, folder with classes); 0 = none
     strict: bool = False              # fail on the first unreadable image instead of skipping it
     num_workers: int = 0
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -74,7 +74,8 @@ def check_image_data(d: DataConfig, source: str) -> None:
     require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
     require_int(source, "data.photo_crops", d.photo_crops, 1)
     require_int(source, "data.shapes", d.shapes, 4)
-    require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
+    # 0: pretrain on every image of a labelled set; the evaluation protocols then refuse (no held-out split).
+    require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, high_open=True)
     require_int(source, "data.num_workers", d.num_workers, 0, 256)
     check_normalisation(d, source)
     check_crop_scale(source, "data.crop_scale", d.crop_scale)
@@ -102,14 +103,17 @@ class Digits(Dataset):
         images = torch.tensor(digits.images, dtype=torch.float32) / 16.0        # (1797, 8, 8)
         labels = torch.tensor(digits.target, dtype=torch.long)
         num_test = math.ceil(len(labels) * eval_split)        # how train_test_split counts a fraction
-        if not 10 <= num_test <= len(labels) - 10:
+        if eval_split == 0:                                   # pretraining on every digit: nothing held out
+            train_idx, test_idx = np.arange(len(labels)), np.arange(0)
+        elif not 10 <= num_test <= len(labels) - 10:
             raise MaskkitError(
                 f"data.eval_split={eval_split} holds out {num_test} of the 1797 digits; a stratified split needs "
-                "at least one per class on each side (0.006 <= data.eval_split <= 0.994)"
+                "at least one per class on each side (0.006 <= data.eval_split <= 0.994), or 0 to hold out none"
             )
-        train_idx, test_idx = train_test_split(
-            np.arange(len(labels)), test_size=eval_split, random_state=0, stratify=labels.numpy()
-        )
+        else:
+            train_idx, test_idx = train_test_split(
+                np.arange(len(labels)), test_size=eval_split, random_state=0, stratify=labels.numpy()
+            )
         chosen = {"train": train_idx, "test": test_idx, "all": np.arange(len(labels))}[split]
         images = images[chosen].unsqueeze(1)                                      # (n, 1, 8, 8)
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)

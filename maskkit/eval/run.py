@@ -2,7 +2,8 @@
 
 `evaluate(path, protocol)` loads the backbone of a run, runs the protocol on the labelled data set of
 the run's config, and runs it again on a ViT of the same shape with random weights, so the result shows
-what pretraining bought over the architecture alone. The result is also written to RUN/eval.json.
+what pretraining bought over the architecture alone. The result is also written to RUN/eval.json:
+{protocol: [result, ...]}, one result per checkpoint and settings.
 """
 
 import copy
@@ -15,7 +16,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from maskkit.config import Config, apply_overrides, build_dataclass, config_from_dict, config_to_dict, load_config
+from maskkit.config import (
+    Config,
+    apply_overrides,
+    build_dataclass,
+    config_from_dict,
+    config_to_dict,
+    flatten,
+    load_config,
+)
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset, labelled_name
 from maskkit.data.text import run_vocabulary
@@ -36,6 +45,34 @@ PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 TEXT_PROTOCOLS = ("text-classify", "seq2seq")
 RECORD_WAIT_S = 3.0    # another eval holds the run's lock for the milliseconds of its own write
+
+# The config keys each protocol reads. An override of any other key would change nothing, so `evaluate` refuses
+# it instead of recording a setting that had no effect; the values of these keys are recorded with each result.
+# The run's vocabulary is fixed by its weights, so the text protocols do not read data.tokenizer (they use the
+# run's pinned RUN/tokenizer.json).
+_LABELLED_IMAGES = ("data.name", "data.path", "data.image_size", "data.in_channels", "data.eval_split", "data.strict",
+                    "data.mean", "data.std")
+_PAIRS = ("data.name", "data.path", "data.image_column", "data.caption_column", "data.image_size", "data.in_channels",
+          "data.num_samples", "data.eval_split", "data.tokenizer", "data.vocab_size", "data.context_length",
+          "data.mean", "data.std")
+_DOCUMENTS = ("data.name", "data.path", "data.documents", "data.text_field", "data.split", "data.split_seed",
+              "data.max_documents")
+READS = {
+    "knn": (*_LABELLED_IMAGES, "eval.pool", "eval.batch_size", "eval.knn_k", "eval.knn_temperature"),
+    "linear": (*_LABELLED_IMAGES, "eval.pool", "eval.batch_size", "eval.probe_epochs", "eval.probe_lr",
+               "eval.probe_batch_size"),
+    "finetune": (*_LABELLED_IMAGES, "eval.pool", "eval.finetune_epochs", "eval.finetune_lr", "eval.finetune_batch_size",
+                 "eval.finetune_labels_per_class", "eval.finetune_crop_scale", "eval.finetune_hflip"),
+    "dense-probe": ("data.mean", "data.std"),         # its own data: the shapes world at the backbone's size
+    "zero-shot": _PAIRS,
+    "retrieval": _PAIRS,
+    "text-classify": (*_DOCUMENTS, "data.label_field", "eval.text_max_length", "eval.text_labels", "eval.text_epochs",
+                      "eval.text_lr", "eval.text_batch_size"),
+    "seq2seq": (*_DOCUMENTS, "data.target_field", "eval.seq2seq_source_length", "eval.seq2seq_target_length",
+                "eval.seq2seq_epochs", "eval.seq2seq_test_documents", "eval.text_lr", "eval.text_batch_size",
+                "eval.beam_size"),
+}
+RUNTIME_OVERRIDES = ("train.threads",)   # how fast, not what: accepted by every protocol, not part of its settings
 
 
 def find_weights(path: str | Path) -> Path:
@@ -144,7 +181,7 @@ def evaluate_two_towers(method, cfg: Config, protocol: str, device="cpu", seed: 
         torch.manual_seed(seed)
         random_init = build_method(cfg)
     models = {"pretrained": copy.deepcopy(method).to(device), "random_init": random_init.to(device)}
-    result = {"protocol": protocol, "dataset": data_cfg.name, "num_train": 0}
+    result = {"protocol": protocol, "dataset": data_cfg.name}       # no "num_train": nothing is trained
     if protocol == "zero-shot":
         names, templates = (CLASS_NAMES, SHAPE_TEMPLATES) if data_cfg.name == "shapes" else (DIGIT_NAMES, DIGIT_TEMPLATES)
         test = build_data(data_cfg, "test")
@@ -168,6 +205,23 @@ def evaluate_two_towers(method, cfg: Config, protocol: str, device="cpu", seed: 
 def _check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise MaskkitError(f"unknown evaluation protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+
+
+def check_overrides(protocol: str, overrides: Sequence[str]) -> None:
+    """Refuse an override of a key that `protocol` does not read: it would be recorded but change nothing."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key.startswith("model."):
+            raise MaskkitError(f"override {override!r}: the model's shape comes from the saved weights, not the config")
+        if key not in READS[protocol] and key not in RUNTIME_OVERRIDES:
+            raise MaskkitError(f"override {key} has no effect on {protocol}, which reads only "
+                               f"{', '.join(READS[protocol] + RUNTIME_OVERRIDES)}")
+
+
+def settings_of(cfg: Config, protocol: str, seed: int) -> dict:
+    """{key: value} of every key `protocol` reads, and the seed: what tells one result of it from another."""
+    values = flatten(config_to_dict(cfg))
+    return {**{key: values.get(key) for key in READS[protocol]}, "seed": seed}
 
 
 def _device(name: str | torch.device) -> torch.device:
@@ -202,6 +256,12 @@ def evaluate_backbones(
         protocols = [p for p in protocols if p != "dense-probe"]
         if not protocols:
             return results
+    if cfg.data.eval_split == 0:
+        raise MaskkitError(
+            f"{', '.join(protocols)}: the run has no held-out split (data.eval_split=0: it pretrained on every image "
+            f"of {cfg.data.name}); evaluate on another labelled set (data.name=folder data.path=DIR), or hold out "
+            "images it pretrained on with data.eval_split=0.3"
+        )
     train_set, test_set = labelled_dataset(cfg.data, "train"), labelled_dataset(cfg.data, "test")
     num_classes = train_set.dataset.num_classes    # both labelled sets (digits, folder) define it
     augment = ImageAugment(cfg.data)
@@ -385,11 +445,12 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Run `protocol` (linear | knn | finetune) on the backbone at `path` and on a random init of it.
+    """Run `protocol` (one of PROTOCOLS) on the model at `path` and on a random init of it.
 
-    `overrides` are dotted `key=value` strings for the data and eval sections (e.g. `eval.knn_k=10`,
-    `data.name=folder`, `data.path=DIR`). Returns the result and records it under its protocol in the
-    run's eval.json, next to the results of the other protocols.
+    `overrides` are dotted `key=value` strings for the data and eval keys the protocol reads (`READS`, e.g.
+    `eval.knn_k=10`, `data.name=folder`, `data.path=DIR`); any other key is refused. Returns the result, with
+    its "overrides" and "settings" (the values of every key the protocol read, and the seed), and records it
+    in the run's eval.json under its protocol, next to the results of other settings and protocols.
 
     Writing eval.json makes eval a writer of the run directory, so it takes the run's lock
     (`maskkit.runlock`) for the read-modify-write of eval.json: a run that is training refuses it, and
@@ -399,9 +460,7 @@ def evaluate(
     "not_recorded".
     """
     _check_protocol(protocol)
-    for override in overrides:
-        if override.strip().startswith("model."):
-            raise MaskkitError(f"override {override!r}: the model's shape comes from the saved weights, not the config")
+    check_overrides(protocol, overrides)
     source = find_weights(path)
     lock = RunLock(_eval_json_path(source).parent, f"eval records its result in {_eval_json_path(source)}, so run it "
                    "when that finishes (or evaluate a copy of the checkpoint)")
@@ -426,7 +485,7 @@ def evaluate(
         result = evaluate_text(method.backbone, cfg, protocol, device, seed, progress)
     else:
         result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
-    result["checkpoint"] = str(source)
+    result.update(checkpoint=str(source), overrides=list(overrides), settings=settings_of(cfg, protocol, seed))
     try:
         record(result, _eval_json_path(source), lock)
     except MaskkitError as error:
@@ -434,18 +493,35 @@ def evaluate(
     return result
 
 
+def read_results(path: Path) -> dict[str, list[dict]]:
+    """{protocol: [result, ...]} recorded in the eval.json at `path`, oldest first ({} when there is none).
+
+    Files written before results carried their settings hold one result per protocol; it is read as a list of one.
+    """
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        recorded = {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {protocol: [results] if isinstance(results, dict) else [r for r in results if isinstance(r, dict)]
+            for protocol, results in recorded.items() if isinstance(results, (dict, list))}
+
+
 def record(result: dict, path: Path, lock: RunLock) -> None:
-    """Add `result` under its protocol to eval.json at `path`, keeping the other protocols' results."""
+    """Add `result` to the list of its protocol in eval.json at `path`.
+
+    It replaces only an earlier result of the same checkpoint with the same settings; the results of other
+    settings, checkpoints and protocols stay.
+    """
     with writing(path):
         lock.acquire(wait=RECORD_WAIT_S)
         try:
-            try:
-                recorded = json.loads(path.read_text()) if path.is_file() else {}
-            except json.JSONDecodeError:
-                recorded = {}
-            recorded = recorded if isinstance(recorded, dict) else {}
+            recorded = read_results(path)
             result["eval_json"] = str(path)
-            recorded[result["protocol"]] = result
+            same = (result["checkpoint"], result.get("settings"))
+            kept = [r for r in recorded.get(result["protocol"], []) if (r.get("checkpoint"), r.get("settings")) != same]
+            recorded[result["protocol"]] = [*kept, result]
             atomic_write_text(path, json.dumps(recorded, indent=1) + "\n")
         finally:
             lock.release()

@@ -9,6 +9,7 @@ maskkit runs as a single process and every function here is a no-op.
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,26 @@ def pick_device(preference: str, local_rank: int = 0, setting: str = "train.devi
             raise MaskkitError(f"{setting}{joiner}cuda but no CUDA device is visible; use {setting}{joiner}cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX (Intel's bf16 matrix units, Sapphire Rapids on), without which bf16 matrix
+    products on the CPU are emulated and run many times slower than fp32."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)    # torch's own check (it also asks the kernel)
+    if probe is not None:
+        return bool(probe())
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def slow_precision(precision: str, device: torch.device) -> str | None:
+    """A one-line warning when `precision` will be much slower than fp32 on `device`, else None."""
+    if precision != "bf16" or device.type != "cpu" or cpu_has_amx():
+        return None
+    return ("train.precision=bf16 on a CPU without AMX (Intel's bf16 matrix units): bf16 matrix products are "
+            "emulated there, about 13x slower than fp32; use train.precision=fp32 (bf16 pays on CUDA or an AMX CPU)")
 
 
 def setup(device_preference: str = "auto") -> DistInfo:

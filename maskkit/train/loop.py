@@ -248,7 +248,9 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
         checkpoint.restore_rng(rng_state)
 
     model = distributed.wrap(method, info)
-    # bf16 autocast on CUDA, or on a CPU with AMX (4x fp32 there; ~400x slower on a CPU without it).
+    # bf16 autocast on CUDA, or on a CPU with AMX (4x fp32 there; many times slower on a CPU without it).
+    if info.is_main and (slow := distributed.slow_precision(tcfg.precision, info.device)):
+        log.warning(slow)
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16"
                 else contextlib.nullcontext())
     with writing(run_dir):

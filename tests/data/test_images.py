@@ -101,6 +101,16 @@ def test_eval_split_holds_out_exactly_that_fraction_of_each_class(tmp_path, frac
     assert len(train) == 20 - 2 * held and not set(train.files) & set(test.files)
 
 
+def test_eval_split_0_pretrains_on_every_image_of_a_labelled_set(tmp_path):
+    from maskkit.config import config_from_dict
+    from tests.conftest import tiny_config_dict
+
+    root = write_folder(tmp_path / "images", corrupt=False)
+    cfg = config_from_dict(tiny_config_dict(data={"name": "folder+digits", "path": str(root), "eval_split": 0}))
+    assert len(build_image_dataset(cfg.data, "train")) == 8 + 1797
+    assert len(Digits("test", 16, eval_split=0)) == 0
+
+
 def test_unreadable_held_out_files_are_reported_and_not_counted(tmp_path, caplog):
     root = write_folder(tmp_path / "images", corrupt=False)
     (root / "cats" / "-broken.png").write_bytes(b"nothing")      # sorts first: a held-out position

@@ -82,7 +82,62 @@ def test_evaluate_knn_writes_eval_json(run_dir):
     assert (result["protocol"], result["dataset"]) == ("knn", "digits")
     assert (result["num_train"], result["num_test"]) == (1257, 540)
     assert result["checkpoint"] == str(find_checkpoint(run_dir))
-    assert json.loads((run_dir / "eval.json").read_text())["knn"] == result
+    assert result["overrides"] == ["eval.knn_k=10"]
+    assert result["settings"]["eval.knn_k"] == 10 and result["settings"]["data.eval_split"] == 0.3
+    assert json.loads((run_dir / "eval.json").read_text())["knn"][-1] == result
+
+
+def test_eval_json_keeps_the_results_of_other_settings(own_run):
+    first = evaluate(own_run, "knn", overrides=["eval.knn_k=10"], progress=False)
+    other = evaluate(own_run, "knn", overrides=["eval.knn_k=3"], progress=False)
+    again = evaluate(own_run, "knn", overrides=["eval.knn_k=10"], progress=False)
+    recorded = json.loads((own_run / "eval.json").read_text())["knn"]
+    # The rerun of k=10 replaces the first one; the k=3 result stays.
+    assert recorded == [other, again] and first["settings"] == again["settings"]
+    assert [r["settings"]["eval.knn_k"] for r in recorded] == [3, 10]
+
+
+def test_an_eval_json_of_one_result_per_protocol_stays_readable(own_run):
+    old = {"knn": {"protocol": "knn", "dataset": "digits", "pretrained": 0.5, "random_init": 0.4,
+                   "num_train": 1257, "num_test": 540, "checkpoint": "x"},
+           "linear": {"protocol": "linear", "dataset": "digits", "pretrained": 0.6, "random_init": 0.5,
+                      "num_train": 1257, "num_test": 540, "checkpoint": "x"}}
+    (own_run / "eval.json").write_text(json.dumps(old))
+    assert eval_run.read_results(own_run / "eval.json") == {"knn": [old["knn"]], "linear": [old["linear"]]}
+    result = evaluate(own_run, "knn", progress=False)
+    assert json.loads((own_run / "eval.json").read_text()) == {"knn": [old["knn"], result], "linear": [old["linear"]]}
+
+
+def test_overrides_a_protocol_does_not_read_are_refused(run_dir, monkeypatch):
+    monkeypatch.setattr(eval_run, "evaluate_backbones", lambda *a, **k: pytest.fail("evaluated with a useless override"))
+    # Pretraining's crop does not touch the un-augmented images kNN reads.
+    with pytest.raises(MaskkitError, match=r"^override data.crop_scale has no effect on knn, which reads only "
+                                           r"data.name, .*eval.knn_k, eval.knn_temperature, train.threads$"):
+        evaluate(run_dir, "knn", overrides=["data.crop_scale=[0.5,1.0]"])
+    with pytest.raises(MaskkitError, match="eval.probe_epochs has no effect on knn"):
+        evaluate(run_dir, "knn", overrides=["eval.probe_epochs=3"])
+    # The text protocols read the run's own vocabulary, whatever data.tokenizer says.
+    with pytest.raises(MaskkitError, match=r"data.tokenizer has no effect on text-classify, which reads only .*"
+                                           r"eval.text_epochs"):
+        eval_run.check_overrides("text-classify", ["data.max_documents=300", "data.tokenizer=minilm"])
+    eval_run.check_overrides("text-classify", ["data.max_documents=300", "eval.text_epochs=1", "train.threads=1"])
+    eval_run.check_overrides("linear", ["eval.probe_epochs=3", "data.eval_split=0.5"])
+
+
+def test_every_key_a_protocol_reads_exists():
+    from maskkit.config import EvalConfig
+    from maskkit.data.images import DataConfig
+    from maskkit.data.pairs import PairDataConfig
+    from maskkit.data.text import TextDataConfig
+
+    data_kind = {**dict.fromkeys(eval_run.TWO_TOWER_PROTOCOLS, PairDataConfig),
+                 **dict.fromkeys(eval_run.TEXT_PROTOCOLS, TextDataConfig)}
+    assert set(eval_run.READS) == set(eval_run.PROTOCOLS)
+    for protocol, keys in eval_run.READS.items():
+        fields = {"data": data_kind.get(protocol, DataConfig), "eval": EvalConfig}
+        for key in keys:
+            section, name = key.split(".")
+            assert name in {f.name for f in dataclasses.fields(fields[section])}, (protocol, key)
 
 
 def test_finetune_protocol_leaves_the_backbone_alone(run_dir):
@@ -127,6 +182,21 @@ def test_evaluation_counts_and_names_undecodable_test_images(tmp_path, caplog):
     # Held out: 3 of the 5 cats (the broken one among them) and 2 of the 4 dogs: 4 readable test images.
     assert (result["num_train"], result["num_test"]) == (4, 4)
     assert "-truncated.png" in caplog.text
+
+
+def test_a_run_without_a_held_out_split_is_evaluated_only_on_one_named(tmp_path):
+    from tests.data.test_images import write_folder
+
+    root = write_folder(tmp_path / "images", corrupt=False)
+    run = tmp_path / "run"
+    train(config_from_dict({**TINY, "data": {"name": "folder", "path": str(root), "image_size": 16, "eval_split": 0},
+                            "train": {"steps": 1, "batch_size": 8}}), run, progress=False)
+    for protocol in ("knn", "linear", "finetune"):
+        with pytest.raises(MaskkitError, match=rf"^{protocol}: the run has no held-out split \(data.eval_split=0: it "
+                                               r"pretrained on every image of folder\); evaluate on another"):
+            evaluate(run, protocol)
+    result = evaluate(run, "knn", overrides=["data.eval_split=0.5", "eval.knn_k=2"], progress=False)
+    assert (result["num_train"], result["num_test"]) == (4, 4)
 
 
 @pytest.fixture

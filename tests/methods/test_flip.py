@@ -174,6 +174,11 @@ def test_zero_shot_on_captioned_digits_runs_on_a_flip_checkpoint(tmp_path):
     result = evaluate(tmp_path / "run", "zero-shot", progress=False)
     assert result["dataset"] == "digits" and result["chance"] == 0.1 and result["num_test"] == 450   # 25% held out
     assert {"pretrained", "random_init"} <= set(result)
+    from maskkit.cli import format_eval
+
+    # Zero-shot trains nothing: no count of training images, in the result or in the table.
+    assert "num_train" not in result
+    assert format_eval(result).startswith("zero-shot on digits (450 test images) -- accuracy\n")
 
 
 def test_unmasked_tuning_that_covers_the_whole_run_is_refused():

@@ -84,3 +84,22 @@ def build_method_weights(cfg) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(cfg.train.seed)
     return build_method(cfg).trainable_state_dict()
+
+
+def _gather_rank_main(rank, world_size, init_file):
+    import warnings
+
+    warnings.simplefilter("error")        # a deprecated torch call (FutureWarning) in maskkit's collectives fails
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    x = torch.full((2,), float(rank), requires_grad=True)
+    gathered = collectives.all_gather_with_grad(x)
+    assert torch.equal(gathered.detach(), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    # Each rank's loss weighs the whole gathered batch by rank + 1; a slice's gradient sums what every rank's
+    # loss put on it (1 + 2), as the all-reduced gradient of DDP would.
+    (gathered.sum() * (rank + 1)).backward()
+    assert torch.equal(x.grad, torch.full((2,), 3.0))
+    distributed.cleanup()
+
+
+def test_gather_with_grad_on_two_ranks_sums_gradients_without_a_deprecation_warning(tmp_path):
+    mp.spawn(_gather_rank_main, args=(2, str(tmp_path / "init")), nprocs=2, join=True)

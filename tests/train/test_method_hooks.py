@@ -119,3 +119,22 @@ def test_bf16_autocast_trains_and_a_method_can_refuse_it(tmp_path, monkeypatch):
 
     with pytest.raises(MaskkitError, match="train.precision=bf16 is not supported by fp32_only"):
         config_from_dict({**tiny_config_dict(train={"precision": "bf16"}), "method": "fp32_only"})
+
+
+def test_bf16_on_a_cpu_without_amx_warns_once_naming_the_reason(tmp_path, monkeypatch, caplog):
+    from maskkit.train import distributed
+
+    warning = "train.precision=bf16 on a CPU without AMX"
+    cfg = config_from_dict(tiny_config_dict(train={"steps": 1, "precision": "bf16"}))
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: False)
+    train(cfg, tmp_path / "no_amx", progress=False)
+    assert [r.levelname for r in caplog.records if warning in r.getMessage()] == ["WARNING"]
+    assert "use train.precision=fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: True)
+    train(cfg, tmp_path / "amx", progress=False)
+    assert warning not in caplog.text
+    # Only bf16 on a CPU is slow: fp32, and bf16 on CUDA, say nothing.
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: False)
+    assert distributed.slow_precision("fp32", torch.device("cpu")) is None
+    assert distributed.slow_precision("bf16", torch.device("cuda", 0)) is None

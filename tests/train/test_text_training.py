@@ -86,9 +86,9 @@ def test_text_protocols_from_the_command_line(tmp_path, capsys):
     assert "ROUGE-L" in out and "exact match" in out
     recorded = json.loads((run / "eval.json").read_text())
     assert set(recorded) == {"text-classify", "seq2seq"}
-    classify = recorded["text-classify"]
+    (classify,) = recorded["text-classify"]
     assert classify["num_test"] > 5 and 0 <= classify["pretrained"] <= 1 and len(classify["classes"]) == 11
-    assert recorded["seq2seq"]["num_test"] == 3 and 0 <= recorded["seq2seq"]["pretrained"] <= 1
+    assert recorded["seq2seq"][0]["num_test"] == 3 and 0 <= recorded["seq2seq"][0]["pretrained"] <= 1
     # An image protocol on a text run, and a text protocol on a bad split, fail in one line.
     assert main(["eval", str(run), "--protocol", "knn"]) == 2
     assert main(["eval", str(run), "--protocol", "text-classify", "eval.text_max_length=2"]) == 2
