@@ -66,6 +66,26 @@ def build_data(cfg, split: str = "train") -> Data:
 
 
 
+def build_held_out(cfg) -> Data:
+    """Data held out from training, to validate on during training: text's "val" split (its "test" is left
+    to the protocols), the test split of images and pairs. A member of data.name whose "test" split is its
+    training data (photos: the same crops in every split; a folder without class sub-folders: all of it
+    trains) is refused in one line, rather than reported as a held-out loss."""
+    if cfg.kind == "text":
+        return build_data(cfg, "val")
+    if cfg.kind == "image" and "photos" in cfg.name.split("+"):
+        raise MaskkitError(f"train.eval_every: data.name={cfg.name} has no held-out split (photos are the same crops "
+                           "in every split); validate on digits, shapes or a folder with class sub-folders, or set "
+                           "train.eval_every=0")
+    data = build_data(cfg, "test")
+    parts = getattr(data.dataset.dataset, "datasets", [data.dataset.dataset])   # Indexed(one set or ConcatDataset)
+    if any(getattr(part, "classes", None) == [] for part in parts):
+        raise MaskkitError(f"train.eval_every: data.path={cfg.path} has no class sub-folders, so all its images train "
+                           "and none is held out; put the images in class sub-folders (data.eval_split of each is held "
+                           "out), or set train.eval_every=0")
+    return data
+
+
 # What data.tokenizer may be for each data kind (a path to a tokenizer.json besides), for the messages.
 TOKENIZERS = {"text": "wiki, minilm or a path to a tokenizer.json (e.g. one made by `maskkit tokenizer train`)",
               "pairs": "captions (learnt from the training captions), minilm or a path to a tokenizer.json"}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from maskkit import collectives
 from maskkit.config import Config, apply_overrides, config_changes, config_from_dict, config_to_dict, save_config
-from maskkit.data import Data, build_data, check_sources
+from maskkit.data import Data, build_data, build_held_out, check_sources
 from maskkit.data.common import batch_size_of, report_unreadable
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
@@ -431,8 +431,8 @@ def _write_row(metrics_file, writer, row: dict, group: str, run_dir: Path) -> No
 class HeldOut:
     """Validation: the method's own loss on a fixed set of held-out samples, the same measurement every time.
 
-    The samples are the first train.eval_samples of the held-out split (text: "val", the others: "test"),
-    never training data, collated once into batches of train.batch_size / train.accumulation_steps (what
+    The samples are the first train.eval_samples of the held-out split (`build_held_out`: text's "val", the
+    others' "test"), never training data, collated once into batches of train.batch_size / train.accumulation_steps (what
     one process of a one-rank run feeds the method, whatever the number of ranks); only full batches are
     used when there is more than one, since a contrastive loss depends on the batch's size. The method runs
     in eval mode (no dropout, no masking where a method turns it off outside training, nothing queued) with
@@ -443,7 +443,7 @@ class HeldOut:
 
     def __init__(self, data_cfg, tcfg):
         split = "val" if data_cfg.kind == "text" else "test"
-        self.data, self.seed = build_data(data_cfg, split), tcfg.seed
+        self.data, self.seed = build_held_out(data_cfg), tcfg.seed
         count = min(len(self.data.dataset), tcfg.eval_samples)
         if count == 0:
             raise MaskkitError(f"train.eval_every={tcfg.eval_every} measures the held-out ({split}) split, but "
