@@ -145,3 +145,16 @@ def test_two_ranks_validate_on_rank_0_without_waiting_forever(tmp_path):
     # The same measurement of weights that differ by float noise only (another summation order).
     assert all(abs(a["val_loss"] - b["val_loss"]) < 1e-4 * abs(b["val_loss"]) for a, b in zip(two, one, strict=True))
     assert (tmp_path / "two" / "checkpoints" / "best").is_file()
+
+
+def test_a_method_with_a_queue_trains_the_same_with_validation(tmp_path):
+    """MoCo queues its keys in forward for after_step: the held-out forwards (eval mode) must queue nothing."""
+    from tests.methods.test_moco import moco_config_dict
+
+    values = moco_config_dict(data={"name": "digits"}, train={"steps": 3, "checkpoint_every": 3})
+    train(config_from_dict(values), tmp_path / "plain", progress=False)
+    values["train"].update(eval_every=1, eval_samples=32)
+    train(config_from_dict(values), tmp_path / "validated", progress=False)
+    plain, validated = tensors(tmp_path / "plain"), tensors(tmp_path / "validated")
+    assert all(torch.equal(plain[key], validated[key]) for key in plain) and "queue" in plain
+    assert len(rows(tmp_path / "validated", "val_loss")) == 3
