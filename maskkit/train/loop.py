@@ -180,7 +180,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     `extend_steps` (with `resume`; `cfg` is the run's config, as `resume_config` reads it) continues the run
     for that many steps more than its recorded train.steps, finished or not. The extended run is the run of
     the new total from where it stands: every schedule given the total (the cosine learning rate, a
-    method's momentum or unmasked tail) is recomputed for it, so a finished cosine run's learning rate jumps
+    method's own, such as FLIP's unmasked tail) is recomputed for it, so a finished cosine run's learning rate jumps
     from min_lr back up to where a run of the longer length would be at this step. The other choice, a
     warmup-free tail from the current learning rate, cannot continue a finished run at all: its schedule
     ended at optim.min_lr, 0 by default. The new total is written into the latest checkpoint's state.json
@@ -378,7 +378,8 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                 val_loss = held_out.loss(method, info.device, autocast)
                 _write_row(metrics_file, writer, {"step": done, "val_loss": val_loss}, "val", run_dir)
                 progress.report_val(val_loss)
-            improved = tcfg.keep_best and val_loss is not None and (best_val_loss is None or val_loss < best_val_loss)
+            improved = (tcfg.keep_best and val_loss is not None and math.isfinite(val_loss)
+                        and (best_val_loss is None or val_loss < best_val_loss))
             progress.update(done)
             if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step or improved):
                 saved = checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict,
@@ -432,9 +433,10 @@ class HeldOut:
     """Validation: the method's own loss on a fixed set of held-out samples, the same measurement every time.
 
     The samples are the first train.eval_samples of the held-out split (`build_held_out`: text's "val", the
-    others' "test"), never training data, collated once into batches of train.batch_size / train.accumulation_steps (what
-    one process of a one-rank run feeds the method, whatever the number of ranks); only full batches are
-    used when there is more than one, since a contrastive loss depends on the batch's size. The method runs
+    others' "test"), never training data, collated once into batches of train.batch_size /
+    train.accumulation_steps (what one process of a one-rank run feeds the method, whatever the number of
+    ranks); only full batches are used when there is more than one, since a contrastive loss depends on the
+    batch's size. `train.keep_best` keeps the checkpoint of the lowest (finite) held-out loss: lower is better. The method runs
     in eval mode (no dropout, no masking where a method turns it off outside training, nothing queued) with
     gradients off, and each sample's crops and masks come from its key of (seed, epoch 0, held-out index).
     The global generators are forked around it, so the training's random streams, its data order and thus
