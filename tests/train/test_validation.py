@@ -126,12 +126,19 @@ def test_validation_settings_and_data_without_a_held_out_split_fail_in_one_line(
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / f"{i}.png")
     cfg = tiny_config(data={"name": "folder", "path": str(folder), "image_size": 16},
                       train={"eval_every": 1, "batch_size": 4})
-    with pytest.raises(MaskkitError, match=r"^train\.eval_every: data\.path=\S+ has no class sub-folders, so all "
-                                           r"its images train.*set train\.eval_every=0$"):
+    with pytest.raises(MaskkitError, match=r"^train\.eval_every: data\.name=folder holds nothing out of training "
+                                           r"\(.*set train\.eval_every=0$"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(MaskkitError, match=r"^train\.eval_every: data\.name=photos\+digits has no held-out split"):
-        train(tiny_config(data={"name": "photos+digits"}, train={"eval_every": 1}), tmp_path / "run", progress=False)
+    with pytest.raises(MaskkitError, match=r"^train\.eval_every: data\.name=photos holds nothing out of training"):
+        train(tiny_config(data={"name": "photos"}, train={"eval_every": 1}), tmp_path / "run", progress=False)
+
+
+def test_a_mixture_validates_on_its_members_that_hold_samples_out(tiny_config):
+    cfg = tiny_config(data={"name": "photos+digits"}, train={"eval_every": 1, "eval_samples": 1000})
+    held_out = HeldOut(cfg.data, cfg.train)
+    digits_test = build_data(tiny_config().data, "test").dataset          # the tiny config trains on digits
+    assert len(held_out.data.dataset) == len(digits_test) == 540
 
 
 @pytest.mark.slow
