@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 train.steps=100")
     train.add_argument("--out", help="run directory (default runs/<name>)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.add_argument("--extend-steps", type=int, metavar="N",
+                       help="with --resume: train N steps more than the run's train.steps (finished or not); the "
+                            "schedules are recomputed for the new total")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
@@ -188,6 +191,10 @@ def run(args) -> int:
     if args.command == "train":
         from maskkit.train.loop import resume_config, train
 
+        if args.extend_steps is not None and not args.resume:
+            raise MaskkitError(f"--extend-steps {args.extend_steps} continues a run: pass --resume too")
+        if args.extend_steps is not None and args.extend_steps < 1:
+            raise MaskkitError(f"--extend-steps must be an integer >= 1, got {args.extend_steps}")
         cfg = configs.load_config(args.config, args.overrides)
         out = Path(args.out or Path("runs") / cfg.name)
         if args.resume:
@@ -195,7 +202,8 @@ def run(args) -> int:
             # how it runs (train.threads, ...), which `train` checks.
             recipe, cfg = cfg, resume_config(out, args.overrides)
             check_resume_recipe(args.config, recipe, cfg, out)
-        result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
+                       extend_steps=args.extend_steps or 0)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")
         return 0

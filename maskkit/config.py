@@ -47,6 +47,11 @@ class TrainConfig:
     threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
     init_from: str = ""              # a run or checkpoint whose weights start this (new) run; "" = random init
     precision: str = "fp32"          # fp32 | bf16 (autocast, on CUDA or on a CPU with AMX)
+    # Validation: every eval_every steps (and at the last), the method's own loss on the first eval_samples
+    # samples of the held-out split, in eval mode (metrics.jsonl rows {"step", "val_loss"}); 0 = off.
+    eval_every: int = 0
+    eval_samples: int = 256
+    keep_best: bool = False          # RUN/checkpoints/best names the checkpoint of the lowest val_loss
 
 
 @dataclass
@@ -224,6 +229,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     require(t.batch_size % t.accumulation_steps == 0, source, "train.batch_size", t.batch_size,
             f"divisible by train.accumulation_steps={t.accumulation_steps}")
     require_int(source, "train.seed", t.seed, 0, 2**63 - 1)
+    require_int(source, "train.eval_every", t.eval_every, 0)
+    require_int(source, "train.eval_samples", t.eval_samples, 1)
+    require(not t.keep_best or t.eval_every > 0, source, "train.keep_best", t.keep_best,
+            "false while train.eval_every=0 (the best checkpoint is the one of the lowest held-out loss)")
     require_int(source, "train.threads", t.threads, 0, 1024)
     require(t.device in ("auto", "cpu", "cuda"), source, "train.device", t.device, "auto, cpu or cuda")
     require(t.precision in ("fp32", "bf16"), source, "train.precision", t.precision, "fp32 or bf16")
@@ -263,8 +272,9 @@ def validate(cfg: Config, source: str = "config") -> None:
 
 
 # Keys that say where and how a run executes, not what it computes: a resumed run may change them.
+# Validation only reads the weights (never the training RNG or data order), so it may be turned on or off too.
 RUNTIME_KEYS = ("train.device", "train.threads", "data.num_workers", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints")
+                "train.keep_checkpoints", "train.eval_every", "train.keep_best")
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

@@ -9,6 +9,7 @@ data set slots in without touching them:
                    augmented (images) or tokenised (text), with the keys as batch["seed"]
 """
 
+import dataclasses
 import glob
 import logging
 from collections.abc import Callable
@@ -64,6 +65,34 @@ def build_data(cfg, split: str = "train") -> Data:
     return Data(build_image_dataset(cfg, split), collate, augment.prepare, augment.normalize, augment.denormalize,
                 None, list(cfg.mean), list(cfg.std))
 
+
+
+def build_held_out(cfg) -> Data:
+    """Data held out from training, to validate on during training: text's "val" split (its "test" is left
+    to the protocols), the test split of images and pairs. Members of data.name whose "test" split is their
+    training data (photos: the same crops in every split; a folder without class sub-folders: all of it
+    trains) are left out (photos+digits validates on the held-out digits); with none left, one line says so."""
+    if cfg.kind == "text":
+        return build_data(cfg, "val")
+    names = cfg.name.split("+")
+    if cfg.kind == "image":
+        names = [name for name in names if name != "photos"]
+        if "folder" in names and not _has_class_folders(cfg):
+            names.remove("folder")
+    if not names:
+        raise MaskkitError(f"train.eval_every: data.name={cfg.name} holds nothing out of training (photos are the same "
+                           "crops in every split; a folder without class sub-folders trains on all of it); validate "
+                           "on digits, shapes or a folder with class sub-folders, or set train.eval_every=0")
+    if names != cfg.name.split("+"):
+        log.info("validating on the held-out %s only (the rest of data.name=%s has no held-out split)",
+                 "+".join(names), cfg.name)
+    return build_data(dataclasses.replace(cfg, name="+".join(names)), "test")
+
+
+def _has_class_folders(cfg) -> bool:
+    """Whether data.path is a labelled folder (one sub-folder per class), as `ImageFolder` reads it."""
+    path = Path(cfg.path).expanduser()
+    return path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
 
 
 # What data.tokenizer may be for each data kind (a path to a tokenizer.json besides), for the messages.

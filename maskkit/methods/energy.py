@@ -134,7 +134,9 @@ class Energy(Method):
         """
         alpha = self.alpha
         x, restored, energies = corrupted, [], []
-        with double_backward_safe():
+        # Restoring differentiates E w.r.t. x, so it needs autograd even where the caller turned it off (the
+        # loop's held-out loss runs under no_grad); nothing is backpropagated into the weights there.
+        with double_backward_safe(), torch.enable_grad():
             for _ in range(steps):
                 leaf = x.detach().requires_grad_(True)
                 energy = self.energy(leaf)                                          # (B,)

@@ -4,6 +4,7 @@
                                /optimizer.safetensors  optimizer moments + RNG states
                                /state.json             step, optimizer hyper-parameters, config, method
     RUN/checkpoints/latest                             name of the newest complete checkpoint
+    RUN/checkpoints/best                               train.keep_best: name of the lowest-val_loss one
 
 A checkpoint directory is filled under a temporary name and renamed when complete, and `latest` is
 replaced with os.replace, so a crash at any moment leaves every earlier checkpoint intact. Temporaries
@@ -82,10 +83,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2,
-                    loss: float | None = None) -> Path:
+                    loss: float | None = None, val_loss: float | None = None) -> Path:
     """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it.
 
-    `loss` is the training loss of the last step, so resuming a finished run can report it. A failed
+    `loss` is the training loss of the last step, so resuming a finished run can report it; `val_loss` the
+    held-out loss measured at this step, if any (what `best` is chosen by). The checkpoint named in
+    `best` is never pruned: `keep` counts the others. A failed
     write (a full disk, a read-only folder) removes its partial checkpoint and raises a MaskkitError
     naming the file and the cause; `latest` still points at the previous checkpoint, which is untouched.
     """
@@ -96,7 +99,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
     previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
                 else "no checkpoint was written before")
     try:
-        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss)
+        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss, val_loss)
     except (OSError, SafetensorError) as error:
         # Free what the failed write took (on a full disk, that is what the next try needs).
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +109,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
 
 
 def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, step: int, config: dict,
-                      loss: float | None) -> None:
+                      loss: float | None, val_loss: float | None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -121,7 +124,7 @@ def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, 
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     publish_mode(tmp / "optimizer.safetensors")
     state = {"format": FORMAT_VERSION, "method": method.name, "step": step, "time": time.time(),
-             "loss": loss, "optimizer": optim_meta, "config": config}
+             "loss": loss, "val_loss": val_loss, "optimizer": optim_meta, "config": config}
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     final = directory / name
     if final.exists():
@@ -131,10 +134,31 @@ def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, 
 
 
 def _prune(directory: Path, keep: int, protect: str) -> None:
-    checkpoints = sorted(p for p in directory.glob("step_*") if p.is_dir())
-    for old in checkpoints[: max(0, len(checkpoints) - keep)]:
-        if old.name != protect:
-            shutil.rmtree(old, ignore_errors=True)
+    best = directory / "best"
+    kept = {protect, best.read_text().strip()} if best.is_file() else {protect}
+    checkpoints = sorted(p for p in directory.glob("step_*") if p.is_dir() and p.name not in kept)
+    for old in checkpoints[: max(0, len(checkpoints) + 1 - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_best(run_dir: Path, checkpoint: Path, keep: int) -> None:
+    """Point RUN/checkpoints/best at `checkpoint`, the newest one (atomically, like `latest`); the previous
+    best is now pruned like any other, so `keep` checkpoints remain besides the best."""
+    directory = Path(run_dir) / "checkpoints"
+    try:
+        atomic_write_text(directory / "best", checkpoint.name + "\n")
+    except OSError as error:
+        raise MaskkitError(cannot_write(directory / "best", error)) from None
+    _prune(directory, keep, protect=checkpoint.name)
+
+
+def best_val_loss(run_dir: Path) -> float | None:
+    """The held-out loss of the checkpoint `best` names (None without one): what a resumed run must beat."""
+    best = Path(run_dir) / "checkpoints" / "best"
+    if not best.is_file():
+        return None
+    found = best.parent / best.read_text().strip()
+    return read_state(found).get("val_loss") if (found / "state.json").is_file() else None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -197,6 +221,17 @@ def load_weights(method, checkpoint: Path) -> dict:
     check_state_dict(weights, method.trainable_state_dict(), checkpoint / "model.safetensors")
     method.load_state_dict(weights, strict=False)
     return state
+
+
+def record_config(checkpoint: Path, config: dict) -> None:
+    """Replace the config in `checkpoint`'s state.json (atomically; the tensors are untouched): how
+    --extend-steps records the run's new total, so that a resume from this checkpoint continues to it."""
+    state = read_state(checkpoint)
+    state["config"] = config
+    try:
+        atomic_write_text(checkpoint / "state.json", json.dumps(state, indent=1))
+    except OSError as error:
+        raise MaskkitError(cannot_write(checkpoint / "state.json", error)) from None
 
 
 def load_training_state(optimizer, checkpoint: Path, state: dict) -> tuple[int, dict[str, torch.Tensor]]:

@@ -2,8 +2,9 @@
 
 Read top to bottom: `train()` builds the pieces, then each optimizer step draws `accumulation_steps`
 micro-batches, backpropagates, checks the loss is finite, clips, steps, calls `method.after_step()`,
-logs and checkpoints. All per-sample randomness (crops, flips, masks) is seeded by
-(seed, epoch, sample index), so resuming or changing the number of ranks changes nothing a sample sees.
+logs, measures the held-out loss (train.eval_every) and checkpoints. All per-sample randomness (crops,
+flips, masks) is seeded by (seed, epoch, sample index), so resuming or changing the number of ranks
+changes nothing a sample sees.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from maskkit import collectives
 from maskkit.config import Config, apply_overrides, config_changes, config_from_dict, config_to_dict, save_config
-from maskkit.data import Data, build_data, check_sources
+from maskkit.data import Data, build_data, build_held_out, check_sources
 from maskkit.data.common import batch_size_of, report_unreadable
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
@@ -119,8 +120,9 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     return config_from_dict(apply_overrides(copy.deepcopy(saved), list(overrides)), source=str(found / "state.json"))
 
 
-def check_resume_config(cfg: Config, saved: dict, run_dir: Path) -> None:
-    """A resumed run trains the config it was started with; only RUNTIME_KEYS may differ.
+def check_resume_config(cfg: Config, saved: dict, run_dir: Path, extend_steps: int = 0) -> None:
+    """A resumed run trains the config it was started with; only RUNTIME_KEYS may differ, and train.steps by
+    exactly `extend_steps` (--extend-steps N: `cfg` is then the extended config).
 
     A key the saved config lacks (added to maskkit after the run started) counts at its default: defaults
     keep the earlier behaviour (new methods' switches are turned on in the recipes), so that is what the
@@ -128,12 +130,14 @@ def check_resume_config(cfg: Config, saved: dict, run_dir: Path) -> None:
     """
     if saved:
         saved = config_to_dict(config_from_dict(copy.deepcopy(saved), source=str(run_dir)))
+        saved["train"]["steps"] += extend_steps
     changes = config_changes(saved, config_to_dict(cfg))
     if changes:
         key, old, new = changes[0]
+        longer = "; to train it longer, --resume --extend-steps N" if key == "train.steps" and not extend_steps else ""
         raise MaskkitError(
             f"--resume continues {run_dir} with the config it was started with, but {key}={new!r} differs from "
-            f"the run's {old!r}; to train from these weights with another config, start a new run: "
+            f"the run's {old!r}{longer}; to train from these weights with another config, start a new run: "
             f"maskkit train CONFIG train.init_from={run_dir} --out NEW_DIR"
         )
 
@@ -157,14 +161,30 @@ def _last_checkpoint(run_dir: Path) -> str:
     return "no checkpoint was written yet"
 
 
+def extended(cfg: Config, extend_steps: int) -> Config:
+    """`cfg` with train.steps raised by `extend_steps` (checked again: a method's own schedule may forbid it)."""
+    values = config_to_dict(cfg)
+    values["train"]["steps"] += extend_steps
+    return config_from_dict(values, source=f"--extend-steps {extend_steps}")
+
+
 def _refuse_a_second_run(run_dir: Path) -> None:
     if (run_dir / "checkpoints" / "latest").exists():
         raise MaskkitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, extend_steps: int = 0) -> TrainResult:
     """Train `cfg` into `run_dir`. `stop_at_step` checkpoints and returns early, as an interrupted run would.
+
+    `extend_steps` (with `resume`; `cfg` is the run's config, as `resume_config` reads it) continues the run
+    for that many steps more than its recorded train.steps, finished or not. The extended run is the run of
+    the new total from where it stands: every schedule given the total (the cosine learning rate, a
+    method's own, such as FLIP's unmasked tail) is recomputed for it, so a finished cosine run's learning rate jumps
+    from min_lr back up to where a run of the longer length would be at this step. The other choice, a
+    warmup-free tail from the current learning rate, cannot continue a finished run at all: its schedule
+    ended at optim.min_lr, 0 by default. The new total is written into the latest checkpoint's state.json
+    and RUN/config.yaml before the first step, so a plain --resume after a kill continues to it.
 
     The run owns `run_dir` while it trains (RUN/.lock, see `maskkit.runlock`): another train, --resume or
     eval of it is refused with the holder's name. Only rank 0 writes the run directory, so only rank 0
@@ -175,13 +195,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
     check_before_training(cfg, resume)
     lock = RunLock(run_dir, "wait for it to finish, or train into another --out")
     try:
-        return _train(cfg, Path(run_dir), lock, resume, stop_at_step, progress)
+        return _train(cfg, Path(run_dir), lock, resume, stop_at_step, progress, extend_steps)
     finally:
         lock.release()
 
 
 def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step: int | None,
-           progress: bool) -> TrainResult:
+           progress: bool, extend_steps: int) -> TrainResult:
     info = distributed.setup(cfg.train.device)
     if info.is_main and run_dir.is_dir():
         with writing(run_dir):
@@ -201,17 +221,28 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
     optimizer = build_optimizer(method, cfg.optim, peak_lr)
 
-    start_step, rng_state, final_loss = 0, None, math.nan
+    start_step, rng_state, final_loss, best_val_loss = 0, None, math.nan, None
+    if extend_steps < 0:
+        raise MaskkitError(f"--extend-steps must be an integer >= 1, got {extend_steps}")
+    if extend_steps and not resume:
+        raise MaskkitError(f"--extend-steps {extend_steps} continues a run: pass --resume too")
     if resume:
         if not (run_dir / "checkpoints" / "latest").exists():
             raise MaskkitError(f"no checkpoint in {run_dir} to resume from; start the run without --resume")
         found = checkpoint.find_checkpoint(run_dir)
-        check_resume_config(cfg, checkpoint.read_state(found).get("config") or {}, run_dir)
+        if extend_steps:
+            cfg = extended(cfg, extend_steps)
+            tcfg = cfg.train
+        check_resume_config(cfg, checkpoint.read_state(found).get("config") or {}, run_dir, extend_steps)
         state = checkpoint.load_weights(method, found)
         start_step, rng_state = checkpoint.load_training_state(optimizer, found, state)
         final_loss = state.get("loss") if state.get("loss") is not None else math.nan
+        best_val_loss = checkpoint.best_val_loss(run_dir)
         if info.is_main:
             log.info("resumed from %s at step %d", found, start_step)
+            if extend_steps:
+                log.info("extended to %d steps: the schedules are those of a %d-step run from here on",
+                         tcfg.steps, tcfg.steps)
     else:
         _refuse_a_second_run(run_dir)
         if tcfg.init_from:
@@ -222,8 +253,13 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
 
     # The data first: a data set that cannot be used fails before the run directory is touched.
     # A resumed text run reads the vocabulary it started with, whatever data.tokenizer's file holds now.
-    data = build_data(run_vocabulary(cfg.data, run_dir) if resume else cfg.data, "train")
+    data_cfg = run_vocabulary(cfg.data, run_dir) if resume else cfg.data
+    data = build_data(data_cfg, "train")
     method.check_data(data)
+    # Every rank builds it, so that a data set without a held-out split fails on all of them alike.
+    held_out = HeldOut(data_cfg, tcfg) if tcfg.eval_every else None
+    if extend_steps:
+        collectives.barrier()   # every rank has read the run's total before rank 0 records the new one
     if info.is_main:
         with writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +274,10 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                 save_config(cfg, run_dir / "config.yaml")
                 pin_vocabulary(cfg.data, data.tokenizer, run_dir)
     config_dict = config_to_dict(cfg)
+    if info.is_main and extend_steps:
+        with writing(run_dir):
+            checkpoint.record_config(found, config_dict)
+            save_config(cfg, run_dir / "config.yaml")
 
     sampler = StepSampler(len(data.dataset), tcfg.batch_size, info.rank, info.world_size,
                           tcfg.accumulation_steps, tcfg.seed, start_step)
@@ -330,21 +370,25 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                         row["grad_norm"] = float(grad_norm)
                     if unreadable:
                         row["unreadable_files"] = len(unreadable)
-                    try:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
-                        if writer is not None:
-                            for key, value in row.items():
-                                writer.add_scalar(f"train/{key}", value, done)
-                    except OSError as error:
-                        raise MaskkitError(f"{cannot_write(run_dir / 'metrics.jsonl', error)}; "
-                                           f"{_last_checkpoint(run_dir)}") from None
+                    _write_row(metrics_file, writer, row, "train", run_dir)
                     progress.report(row)
                     samples_seen, tic = 0, time.perf_counter()
+            # Rank 0 alone measures (on its own copy of the weights: DDP's wrapper is not called, so no rank
+            # waits for a collective the others never reach); the others wait at the next step's all-reduce.
+            val_loss = None
+            if info.is_main and held_out is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+                val_loss = held_out.loss(method, info.device, autocast)
+                _write_row(metrics_file, writer, {"step": done, "val_loss": val_loss}, "val", run_dir)
+                progress.report_val(val_loss)
+            improved = (tcfg.keep_best and val_loss is not None and math.isfinite(val_loss)
+                        and (best_val_loss is None or val_loss < best_val_loss))
             progress.update(done)
-            if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step):
-                checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict, tcfg.keep_checkpoints,
-                                           loss=final_loss)
+            if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step or improved):
+                saved = checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict,
+                                                   tcfg.keep_checkpoints, loss=final_loss, val_loss=val_loss)
+                if improved:
+                    checkpoint.mark_best(run_dir, saved, tcfg.keep_checkpoints)
+                    best_val_loss = val_loss
         step = end_step
     finally:
         progress.close()
@@ -374,6 +418,73 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     return TrainResult(run_dir=run_dir, final_step=step, final_loss=final_loss, backbone_path=backbone_path)
 
 
+def _write_row(metrics_file, writer, row: dict, group: str, run_dir: Path) -> None:
+    """One metrics.jsonl row (flushed: a kill keeps it), and the same scalars in TensorBoard under `group`."""
+    try:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    writer.add_scalar(f"{group}/{key}", value, row["step"])
+    except OSError as error:
+        raise MaskkitError(f"{cannot_write(run_dir / 'metrics.jsonl', error)}; {_last_checkpoint(run_dir)}") from None
+
+
+class HeldOut:
+    """Validation: the method's own loss on a fixed set of held-out samples, the same measurement every time.
+
+    The samples are the first train.eval_samples of the held-out split (`build_held_out`: text's "val", the
+    others' "test"), never training data, collated once into batches of train.batch_size /
+    train.accumulation_steps (what one process of a one-rank run feeds the method, whatever the number of
+    ranks); only full batches are used when there is more than one, since a contrastive loss depends on the
+    batch's size. `train.keep_best` keeps the checkpoint of the lowest (finite) held-out loss: lower is better. The method runs
+    in eval mode (no dropout, no masking where a method turns it off outside training, nothing queued) with
+    gradients off, and each sample's crops and masks come from its key of (seed, epoch 0, held-out index).
+    The global generators are forked around it, so the training's random streams, its data order and thus
+    its weights are those of a run without validation.
+    """
+
+    def __init__(self, data_cfg, tcfg):
+        split = "val" if data_cfg.kind == "text" else "test"
+        self.data, self.seed = build_held_out(data_cfg), tcfg.seed
+        count = min(len(self.data.dataset), tcfg.eval_samples)
+        if count == 0:
+            raise MaskkitError(f"train.eval_every={tcfg.eval_every} measures the held-out ({split}) split, but "
+                               f"data.name={data_cfg.name} holds none; set train.eval_every=0")
+        size = min(tcfg.batch_size // tcfg.accumulation_steps, count)
+        count = count - count % size
+        self.batches = []
+        for start in range(0, count, size):
+            batch = self.data.collate([self.data.dataset[index] for index in range(start, start + size)])
+            for path in batch.pop("unreadable"):
+                report_unreadable(path, "cannot be decoded")
+            if batch_size_of(batch):
+                self.batches.append(batch)
+        if not self.batches:
+            raise MaskkitError(f"train.eval_every: no readable sample among the first {count} of the {split} split")
+
+    def loss(self, method, device: torch.device, autocast) -> float:
+        """The mean loss per held-out sample."""
+        total, samples = 0.0, 0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # Anything a method draws from the global generators is drawn alike at every measurement.
+            torch.random.default_generator.manual_seed(self.seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(self.seed)
+            method.eval()
+            try:
+                with torch.no_grad(), autocast:
+                    for batch in self.batches:
+                        size = batch_size_of(batch)
+                        total += float(method(prepare(self.data, batch, self.seed, device)).loss) * size
+                        samples += size
+            finally:
+                method.train()
+        return total / samples
+
+
 def _first_readable(data: Data) -> dict:
     """A one-sample batch of the first decodable item: the stand-in for a rank left without samples."""
     for index in range(len(data.dataset)):
@@ -391,12 +502,25 @@ class Progress:
         self.description, self.total, self.enabled = description, total, enabled
         self.terminal = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=start, desc=description, dynamic_ncols=True, disable=not self.terminal)
-        self.last_line, self.row = time.perf_counter(), None
+        self.last_line, self.row, self.val_loss = time.perf_counter(), None, None
 
     def report(self, row: dict) -> None:
         self.row = row
         if self.terminal:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", per_s=f"{row['samples_per_s']:.0f}")
+            self.bar.set_postfix(self._postfix())
+
+    def report_val(self, val_loss: float) -> None:
+        self.val_loss = val_loss
+        if self.terminal:
+            self.bar.set_postfix(self._postfix())
+
+    def _postfix(self) -> dict:
+        row, shown = self.row or {}, {}
+        if row:
+            shown = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "per_s": f"{row['samples_per_s']:.0f}"}
+        if self.val_loss is not None:
+            shown["val"] = f"{self.val_loss:.4f}"
+        return shown
 
     def update(self, done: int) -> None:
         if self.terminal:
@@ -405,8 +529,9 @@ class Progress:
             done == self.total or time.perf_counter() - self.last_line >= 15
         ):
             row = self.row
-            log.info("%s: step %d/%d  loss %.4f  lr %.2e  %.0f samples/s", self.description, row["step"], self.total,
-                     row["loss"], row["lr"], row["samples_per_s"])
+            held_out = f"  held-out loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+            log.info("%s: step %d/%d  loss %.4f  lr %.2e  %.0f samples/s%s", self.description, row["step"], self.total,
+                     row["loss"], row["lr"], row["samples_per_s"], held_out)
             self.last_line, self.row = time.perf_counter(), None
 
     def close(self) -> None:

@@ -1,5 +1,8 @@
 """RUN/metrics.jsonl: one JSON row per logged step, kept true to the checkpoints after a crash.
 
+Training rows hold "loss" (and lr, samples/s, ...); validation rows (train.eval_every) are rows of their
+own, {"step": s, "val_loss": ...}, so a reader picks either curve by its key.
+
 A run killed between two checkpoints has logged steps that its resumed continuation will log again,
 and a kill during a write can leave a torn last line. `start_metrics` therefore keeps exactly the rows
 up to the step the run continues from (dropping torn lines), and a fresh run starts an empty file.
@@ -43,13 +46,20 @@ def start_metrics(path: Path, resume_step: int | None):
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     plt = pyplot()
 
-    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    """The training loss against the step, and the held-out loss (val_loss rows) when the run measured it."""
+    all_rows = read_metrics(metrics_path)
+    rows = [r for r in all_rows if "loss" in r]
+    held_out = [r for r in all_rows if "val_loss" in r]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training")
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["val_loss"] for r in held_out], marker="o", markersize=3,
+                label="held-out (eval mode)")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss" if held_out else "training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
