@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from maskkit import collectives
-from maskkit.config import Config, apply_overrides, config_changes, config_from_dict, config_to_dict, save_config
+from maskkit.config import Config, config_changes, config_from_dict, config_to_dict, config_with_overrides, save_config
 from maskkit.data import Data, build_data, build_held_out, check_sources
 from maskkit.data.common import batch_size_of, report_unreadable
 from maskkit.data.text import pin_vocabulary, run_vocabulary
@@ -117,7 +117,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     saved = checkpoint.read_state(found).get("config")
     if not isinstance(saved, dict):
         raise MaskkitError(f"{found / 'state.json'} holds no config to resume with")
-    return config_from_dict(apply_overrides(copy.deepcopy(saved), list(overrides)), source=str(found / "state.json"))
+    return config_with_overrides(saved, list(overrides), str(found / "state.json"))
 
 
 def check_resume_config(cfg: Config, saved: dict, run_dir: Path, extend_steps: int = 0) -> None:
