@@ -110,6 +110,12 @@ class CaptionFile(Dataset):
             raise MaskkitError(f"data.path: {path} does not exist")
         text = read_text(path)
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        first_line = text.split("\n", 1)[0].rstrip("\r")
+        if delimiter == "," and ";" in first_line:
+            # Excel saves "CSV" with semicolons where the decimal separator is a comma (most of Europe).
+            fields = next(csv.reader([first_line], delimiter=";"))
+            if cfg.image_column in fields and cfg.caption_column in fields:
+                delimiter = ";"
         other = "," if delimiter == "\t" else "\t"
         rows = self.parse(path, text, delimiter)
         columns = rows[0][1] if rows else []
@@ -142,7 +148,7 @@ class CaptionFile(Dataset):
         if empty or missing:
             log.warning("%s: skipped %d rows with an empty caption and %d with a missing image", path, empty, missing)
         if long_rows:
-            separator = "tab" if delimiter == "\t" else "comma"
+            separator = {"\t": "tab", ",": "comma", ";": "semicolon"}[delimiter]
             log.warning("%s: skipped %d rows with more fields than the header's %d (the first at line %d): an "
                         "unquoted %s inside a caption? quote the caption", path, len(long_rows), len(columns),
                         long_rows[0], separator)

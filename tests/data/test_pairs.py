@@ -244,3 +244,17 @@ def test_shard_captions_honour_byte_order_marks_and_refuse_other_encodings(tmp_p
     write_shard(folder / "000.tar", [("0000", {"png": png_bytes(1), "txt": "crème".encode("latin-1")})])
     with pytest.raises(MaskkitError, match=r"000.tar:0000.txt: not UTF-8 \(byte 0xe8 at line 1"):
         Shards(cfg, "all")
+
+
+def test_csv_from_a_european_excel_with_semicolons_is_read(tmp_path):
+    """Excel writes ';' between the fields where the decimal separator is a comma; captions keep their commas."""
+    write_images(tmp_path / "img", 2)
+    rows = ["filepath;title", "img/0.png;a red square, small", 'img/1.png;"a blue; round disc"']
+    (tmp_path / "pairs.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode("utf-8") + b"\r\n")
+    data = CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "pairs.csv"), image_size=16), "all")
+    assert [text for _, text in data.pairs] == ["a red square, small", "a blue; round disc"]
+    # A comma-separated file whose captions hold semicolons is still read by commas.
+    rows = ["filepath,title", "img/0.png,one; two", "img/1.png,three"]
+    (tmp_path / "commas.csv").write_text("\n".join(rows) + "\n")
+    data = CaptionFile(PairDataConfig(name="csv", path=str(tmp_path / "commas.csv"), image_size=16), "all")
+    assert [text for _, text in data.pairs] == ["one; two", "three"]
