@@ -42,11 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
     evaluate.add_argument("--protocol", default="knn",
                           choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
-                                   "seq2seq"],
+                                   "text-probe", "seq2seq"],
                           help="what to measure, on the run and on a random init of the same model (default: knn). "
                                "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, "
                                "dense-probe; both towers of flip: zero-shot, retrieval; a text model (mlm, xlnet, "
-                               "pmlm): text-classify, seq2seq")
+                               "pmlm): text-classify, text-probe (a linear probe on frozen features), seq2seq")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the data and eval keys the protocol reads, "
                                                        "e.g. eval.knn_k=10 data.name=folder data.path=DIR")
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -112,8 +112,9 @@ def format_eval(result: dict) -> str:
                 "retrieval": "mean R@1 (image->text, text->image)",
                 "dense-probe": "mIoU of a per-token linear probe",
                 "seq2seq": f"ROUGE-L F1 of generated targets (beam {result.get('beam_size', 1)})",
-                "text-classify": "test accuracy after fine-tuning"}.get(result["protocol"], "accuracy")
-    unit = "documents" if result["protocol"] in ("text-classify", "seq2seq") else "images"
+                "text-classify": "test accuracy after fine-tuning",
+                "text-probe": "test accuracy of a linear probe on frozen features"}.get(result["protocol"], "accuracy")
+    unit = "documents" if result["protocol"] in ("text-classify", "text-probe", "seq2seq") else "images"
     # zero-shot and retrieval train nothing, so they have no training set to count.
     train = f"{result['num_train']} train / " if "num_train" in result else ""
     lines = [

@@ -143,13 +143,14 @@ def demo_text(out_dir: Path, overrides: list[str] = (), progress: bool = True) -
     """Pretrain MLM, XLNet and PMLM (recipes `<objective>/tiny`, the same steps, batch and corpus) on the wiki
     summaries, then fine-tune each, and randomly initialised models of both architectures, on the 11 topics
     with 1,000 labelled documents (`eval.text_labels`; with all 7,216 a bag of words already reaches ~0.85,
-    so a random init does too and the table could not show what pretraining buys).
+    so a random init does too and the table could not show what pretraining buys); beside it, a linear probe on
+    each model's frozen features (the text-probe protocol: only what the weights already hold).
 
     `overrides` (train.*, data.*, eval.* keys) apply to all three recipes (`eval.text_labels=0`: every
     labelled document). Each run resumes if interrupted.
     """
     from maskkit.data.text import run_vocabulary
-    from maskkit.eval.run import method_from_checkpoint, random_backbone, text_classify
+    from maskkit.eval.run import method_from_checkpoint, random_backbone, text_classify, text_probe
     from maskkit.train.checkpoint import find_checkpoint
 
     for override in overrides:
@@ -178,6 +179,8 @@ def demo_text(out_dir: Path, overrides: list[str] = (), progress: bool = True) -
               "random init (XLNet)": random_backbone(configs["xlnet"], seed)}
     scores = text_classify(models, configs["mlm"], "cpu", seed, progress)
     summary["text_classify"] = {name: scores[name] for name in models}
+    probed = text_probe(models, configs["mlm"], "cpu", seed)
+    summary["text_probe"] = {name: probed[name] for name in models}
     summary.update(num_train=scores["num_train"], num_test=scores["num_test"], majority=scores["majority"])
     atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=1) + "\n")
     plot_text(summary, out_dir / "text_classify.png")
@@ -186,14 +189,14 @@ def demo_text(out_dir: Path, overrides: list[str] = (), progress: bool = True) -
 
 
 def format_text_table(summary: dict, out_dir: Path) -> str:
-    lines = ["", f"wiki topic classification after fine-tuning ({summary['num_train']} train / {summary['num_test']} "
-             f"test documents, majority class {summary['majority']:.3f}):",
-             f"  {'model':<26} {'pretraining':>22} {'accuracy':>9}"]
+    lines = ["", f"wiki topic classification ({summary['num_train']} train / {summary['num_test']} test documents, "
+             f"majority class {summary['majority']:.3f}), test accuracy:",
+             f"  {'model':<26} {'pretraining':>22} {'fine-tuned':>11} {'frozen probe':>13}"]
     by_name = {TEXT_NAMES[o]: o for o in TEXT_OBJECTIVES}
     for name, accuracy in summary["text_classify"].items():
         run = summary["objectives"].get(by_name.get(name, ""), None)
         pretraining = f"{run['steps']} steps, {run['train_seconds']:.0f} s" if run else "none"
-        lines.append(f"  {name:<26} {pretraining:>22} {accuracy:>9.3f}")
+        lines.append(f"  {name:<26} {pretraining:>22} {accuracy:>11.3f} {summary['text_probe'][name]:>13.3f}")
     lines.append(f"runs: {out_dir}/<objective>; numbers: {out_dir}/demo.json; figure: {out_dir}/text_classify.png")
     return "\n".join(lines)
 
@@ -202,9 +205,11 @@ def plot_text(summary: dict, path: Path) -> None:
     plt = pyplot()
     names = list(summary["text_classify"])
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    bars = ax.bar(range(len(names)), [summary["text_classify"][n] for n in names],
-                  color=["C0", "C1", "C2", "grey", "silver"][: len(names)])
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    colours = ["C0", "C1", "C2", "grey", "silver"][: len(names)]
+    for offset, key, hatch, label in ((-0.2, "text_classify", "", "fine-tuned"), (0.2, "text_probe", "//", "frozen probe")):
+        bars = ax.bar([i + offset for i in range(len(names))], [summary[key][n] for n in names], width=0.4,
+                      color=colours, hatch=hatch, edgecolor="white", label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.axhline(summary["majority"], color="grey", linestyle=":", linewidth=1, label="majority class")
     ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel("wiki topic test accuracy")

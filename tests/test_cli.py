@@ -109,7 +109,7 @@ def test_version_and_the_protocols_in_eval_help(capsys, monkeypatch):
     assert exit_.value.code == 0 and "(default: knn)" in help_text
     assert "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, dense-probe" in help_text
     assert "both towers of flip: zero-shot, retrieval" in help_text
-    assert "a text model (mlm, xlnet, pmlm): text-classify, seq2seq" in help_text
+    assert "a text model (mlm, xlnet, pmlm): text-classify, text-probe" in help_text
 
 
 def test_recipe_commands(tmp_path, capsys):

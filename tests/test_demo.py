@@ -49,6 +49,7 @@ def test_text_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert set(summary["text_classify"]) == {"MLM (BERT)", "XLNet", "PMLM (UniLMv2)", "random init (BERT-style)",
                                              "random init (XLNet)"}
     assert all(0.0 <= accuracy <= 1.0 for accuracy in summary["text_classify"].values())
+    assert set(summary["text_probe"]) == set(summary["text_classify"])
     assert (tmp_path / "text" / "text_classify.png").is_file()
     for objective in ("mlm", "xlnet", "pmlm"):
         assert (tmp_path / "text" / objective / "backbone.safetensors").is_file()

@@ -41,9 +41,10 @@ from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_wei
 from maskkit.train.distributed import pick_device
 
 log = logging.getLogger("maskkit")
-PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "seq2seq")
+PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "text-probe",
+             "seq2seq")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
-TEXT_PROTOCOLS = ("text-classify", "seq2seq")
+TEXT_PROTOCOLS = ("text-classify", "text-probe", "seq2seq")
 RECORD_WAIT_S = 3.0    # another eval holds the run's lock for the milliseconds of its own write
 
 # The config keys each protocol reads. An override of any other key would change nothing, so `evaluate` refuses
@@ -68,6 +69,8 @@ READS = {
     "retrieval": _PAIRS,
     "text-classify": (*_DOCUMENTS, "data.label_field", "eval.text_max_length", "eval.text_labels", "eval.text_epochs",
                       "eval.text_lr", "eval.text_batch_size"),
+    "text-probe": (*_DOCUMENTS, "data.label_field", "eval.text_max_length", "eval.text_labels", "eval.text_batch_size",
+                   "eval.probe_epochs", "eval.probe_lr", "eval.probe_batch_size"),
     "seq2seq": (*_DOCUMENTS, "data.target_field", "eval.seq2seq_source_length", "eval.seq2seq_target_length",
                 "eval.seq2seq_epochs", "eval.seq2seq_test_documents", "eval.text_lr", "eval.text_batch_size",
                 "eval.beam_size"),
@@ -406,8 +409,35 @@ def text_classify(models: dict, cfg: Config, device="cpu", seed: int = 0, progre
     return result
 
 
+def text_probe(models: dict, cfg: Config, device="cpu", seed: int = 0) -> dict:
+    """A linear probe on each of `models`' frozen features ({name: backbone}; the mean of the real tokens) of the
+    labelled training documents (eval.text_labels of them when set); {name: test accuracy} with num_train,
+    num_test, classes and the majority-class rate.
+
+    Fine-tuning lets a random init learn a bag of words from the labels themselves, which on these topics is
+    nearly all the task needs; a frozen probe reads only what the weights already hold, so it is the protocol
+    that shows what pretraining put there (the issue's "linear probe on frozen features").
+    """
+    from maskkit.eval.linear_probe import linear_probe
+    from maskkit.eval.text import stratified_subset, subset, text_features
+
+    e = cfg.eval
+    train, test, names = text_examples(cfg, e.text_max_length)
+    if e.text_labels:
+        train = subset(train, stratified_subset(train.labels, e.text_labels, cfg.data.split_seed))
+    result = {"num_train": len(train), "num_test": len(test), "classes": names,
+              "majority": float(torch.bincount(test.labels).max()) / len(test)}
+    for name, model in models.items():
+        model = model.to(device)
+        probe = linear_probe(text_features(model, train, e.text_batch_size, device), train.labels,
+                             text_features(model, test, e.text_batch_size, device), test.labels, len(names),
+                             epochs=e.probe_epochs, lr=e.probe_lr, batch_size=e.probe_batch_size, seed=seed)
+        result[name], result[f"{name}_train"] = probe.test_accuracy, probe.train_accuracy
+    return result
+
+
 def evaluate_text(backbone, cfg: Config, protocol: str, device="cpu", seed: int = 0, progress: bool = True) -> dict:
-    """text-classify or seq2seq for `backbone` and for the same architecture with random weights."""
+    """text-classify, text-probe or seq2seq for `backbone` and for the same architecture with random weights."""
     from maskkit.eval.text import finetune_seq2seq
 
     if getattr(cfg.data, "kind", "image") != "text":
@@ -417,6 +447,8 @@ def evaluate_text(backbone, cfg: Config, protocol: str, device="cpu", seed: int 
     result = {"protocol": protocol, "dataset": cfg.data.name}
     if protocol == "text-classify":
         return {**result, **text_classify(models, cfg, device, seed, progress)}
+    if protocol == "text-probe":
+        return {**result, **text_probe(models, cfg, device, seed)}
     e = cfg.eval
     train, test, tokenizer = seq2seq_examples(cfg)
     result.update(num_train=len(train), num_test=len(test), beam_size=e.beam_size)

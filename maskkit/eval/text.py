@@ -203,6 +203,23 @@ class TextClassifier(nn.Module):
         return self.head(self.norm(pooled))
 
 
+@torch.no_grad()
+def text_features(backbone: nn.Module, examples: TextExamples, batch_size: int,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, D) frozen features of `examples`: the mean of the real tokens' outputs (TextClassifier's pooling), in
+    eval mode; padding changes nothing. The text-probe protocol fits a linear classifier on them."""
+    was_training = backbone.training
+    backbone.eval()
+    features = []
+    for indices in torch.arange(len(examples)).split(batch_size):
+        ids, attention_mask, _ = _batch(examples, indices, torch.device(device))
+        tokens = backbone(ids, attention_mask=attention_mask)                    # (B, L, D)
+        real = attention_mask.to(tokens.dtype).unsqueeze(-1)                     # (B, L, 1)
+        features.append(((tokens * real).sum(1) / real.sum(1).clamp_min(1)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(features) if features else torch.zeros(0, backbone.cfg.dim)
+
+
 def _trim(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the columns after the batch's last real token (tokenizers pad to the context length)."""
     real_columns = attention_mask.bool().any(0).nonzero()

@@ -19,6 +19,7 @@ from maskkit.eval.text import (
     rouge_l,
     seq2seq_attention_mask,
     sequence_log_prob,
+    text_features,
 )
 from maskkit.nn.transformer import TextConfig, TextTransformer
 from tests.helpers import SUMMATION_ORDER, assert_close_at_scale
@@ -114,6 +115,20 @@ def test_classifier_learns_is_deterministic_and_leaves_the_backbone():
     assert first == second                                                  # bit for bit, curve included
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.training
+
+
+def test_frozen_text_features_are_the_mean_of_the_real_tokens_whatever_the_padding():
+    """text-probe's features: padding a batch (or splitting it) changes nothing, and the backbone is left as it was."""
+    backbone = tiny_text_model(depth=1).train()
+    examples = contains_seven(20, seed=3)
+    features = text_features(backbone, examples, batch_size=7)
+    assert features.shape == (20, 32) and backbone.training
+    real = int(examples.attention_mask[4].sum())
+    with torch.no_grad():
+        backbone.eval()
+        alone = backbone(examples.ids[4:5, :real]).mean(1)                     # no padding at all
+    assert_close_at_scale(features[4:5], alone, SUMMATION_ORDER, "one unpadded sequence")
+    assert_close_at_scale(text_features(backbone, examples, batch_size=20), features, SUMMATION_ORDER, "batching")
 
 
 def test_classifier_rejects_labels_outside_the_classes():

@@ -72,6 +72,10 @@ def test_two_ranks_train_what_one_rank_trains(method, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def classify_train_count(recorded: dict) -> int:
+    return recorded["text-classify"][0]["num_train"]
+
+
 def test_text_protocols_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [*SMALL["mlm"], "data.block_length=32", "data.max_documents=150", "train.batch_size=16",
@@ -84,8 +88,12 @@ def test_text_protocols_from_the_command_line(tmp_path, capsys):
                  "eval.seq2seq_target_length=4", "eval.seq2seq_test_documents=3", "eval.beam_size=2"]) == 0
     out = capsys.readouterr().out
     assert "ROUGE-L" in out and "exact match" in out
+    assert main(["eval", str(run), "--protocol", "text-probe", "eval.probe_epochs=5", "eval.text_max_length=24"]) == 0
+    assert "text-probe on wiki" in capsys.readouterr().out
     recorded = json.loads((run / "eval.json").read_text())
-    assert set(recorded) == {"text-classify", "seq2seq"}
+    assert set(recorded) == {"text-classify", "text-probe", "seq2seq"}
+    (probe,) = recorded["text-probe"]
+    assert probe["num_train"] == classify_train_count(recorded) and 0 <= probe["random_init"] <= 1
     (classify,) = recorded["text-classify"]
     assert classify["num_test"] > 5 and 0 <= classify["pretrained"] <= 1 and len(classify["classes"]) == 11
     assert recorded["seq2seq"][0]["num_test"] == 3 and 0 <= recorded["seq2seq"][0]["pretrained"] <= 1
