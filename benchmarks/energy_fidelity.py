@@ -4,9 +4,9 @@ control, on the same ViT and data (recipes energy/tiny and mae/tiny: photos + di
 For each pretraining seed (train.seed, which also draws the ViT the run starts from), energy and MAE are
 pretrained for --steps steps, and each backbone is compared with its own random init (the same seed) on
 digits by the paper's protocol, end-to-end fine-tuning (Sec 4), here on 10 labelled images per class
-(eval.finetune_labels_per_class=10; with every label a random init catches up). Every row uses the same
-pooling (the mean of the final-norm tokens, eval.pool=mean, the token the energy reads): MAE's recipe
-evaluates on [CLS], which would compare two poolings instead of two pretrainings. kNN and the linear
+(eval.finetune_labels_per_class=10; with every label a random init catches up). Every row of a block uses
+the same pooling, and each run is evaluated under both: [CLS] (gated: the pooling on which the positive
+control, MAE, gains) and the mean of the final-norm tokens (the token the energy reads). kNN and the linear
 probe are reported too, not gated: the energy readout piles the feature variance into one direction, so
 kNN on this backbone falls even when nothing is learnt. Also the PSNR of the energy model's restoration
 of masked held-out digits (one gradient step on the input), against the corrupted input.
