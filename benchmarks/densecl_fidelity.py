@@ -55,7 +55,8 @@ def main() -> None:
                   f"train.threads={args.threads}"]
         moco = trained(out / f"moco_seed{seed}", ["model.dense_weight=0.0", *common])
         densecl = trained(out / f"densecl_{args.positives}_seed{seed}",
-                          ["model.dense_weight=0.5", f"model.positives={args.positives}", *common])
+                          ["model.dense_weight=0.5", f"model.positives={args.positives}", "model.log_feature_match=true",
+                           *common])
         row = {"seed": seed, "correspondence_accuracy": correspondence(densecl)}
         for name, run in (("moco", moco), ("densecl", densecl)):
             backbone, cfg = load_backbone(run)

@@ -157,7 +157,27 @@ def test_resume_is_bitwise_with_both_queues(tmp_path):
     assert_bitwise_equal(a, b)
     assert {"queue", "dense_queue"} <= set(a)
     rows = [__import__("json").loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert all("correspondence_accuracy" in r and "dense_loss" in r for r in rows)
+    assert all("dense_loss" in r and "correspondence_accuracy" not in r for r in rows)   # geometric: no matching
+
+
+def test_geometric_positives_run_the_feature_matching_only_to_log_it_when_asked(monkeypatch):
+    """With geometric positives the argmax matching only feeds `correspondence_accuracy`: two forward passes a
+    step that the default leaves out (`model.log_feature_match`)."""
+    calls = []
+    monkeypatch.setattr(DenseCL, "feature_match", lambda self, batch: calls.append(1) or torch.zeros(
+        len(batch["images"]), self.encoder.grid_size ** 2, dtype=torch.long))
+    image = torch.rand(1, 3, 16, 20)
+    q, k = corners(0, 0, 16), corners(4, 0, 16)
+    batch = {"images": crop_and_resize(image, q, (16, 16)), "images2": crop_and_resize(image, k, (16, 16)),
+             "boxes": q, "boxes2": k, "flips": torch.tensor([False]), "flips2": torch.tensor([False])}
+    for flag, positives, expected_calls in ((False, "geometric", 0), (True, "geometric", 1), (False, "features", 1)):
+        calls.clear()
+        cfg = config_from_dict(moco_config_dict(method="densecl", model={"positives": positives,
+                                                                         "log_feature_match": flag}))
+        out = DenseCL(cfg.model).eval()(batch)
+        assert len(calls) == expected_calls and ("correspondence_accuracy" in out.logs) == bool(expected_calls)
+    with pytest.raises(MaskkitError, match="model.log_feature_match' expects true or false"):
+        config_from_dict(moco_config_dict(method="densecl", model={"log_feature_match": "yes"}))
 
 
 @pytest.mark.slow
