@@ -385,22 +385,34 @@ def random_backbone(cfg: Config, seed: int):
         return build_method(cfg).backbone
 
 
-def text_classify(models: dict, cfg: Config, device="cpu", seed: int = 0, progress: bool = True) -> dict:
-    """Fine-tune each of `models` ({name: backbone}) on the labelled training documents; {name: test accuracy,
-    name_curve: accuracy per epoch} with num_train, num_test, classes and the majority-class rate."""
-    from maskkit.eval.text import finetune_text_classifier, stratified_subset, subset
+def labelled_documents(cfg: Config, protocol: str):
+    """(train, test, result) for the text protocols that classify: the labelled documents, the training ones cut to
+    eval.text_labels (class-stratified) when set, and the result's start: num_train, num_test, classes and the
+    majority-class rate."""
+    from maskkit.eval.text import stratified_subset, subset
 
     e = cfg.eval
     train, test, names = text_examples(cfg, e.text_max_length)
     if e.text_labels:
         if e.text_labels > len(train):
-            log.info("text-classify: eval.text_labels=%d, but the training split has %d labelled documents; using all",
-                     e.text_labels, len(train))
+            log.info("%s: eval.text_labels=%d, but the training split has %d labelled documents; using all",
+                     protocol, e.text_labels, len(train))
         train = subset(train, stratified_subset(train.labels, e.text_labels, cfg.data.split_seed))
-    log.info("text-classify: fine-tuning %d model(s) on %d classes (%d train / %d test documents)", len(models),
-             len(names), len(train), len(test))
     result = {"num_train": len(train), "num_test": len(test), "classes": names,
               "majority": float(torch.bincount(test.labels).max()) / len(test)}
+    return train, test, result
+
+
+def text_classify(models: dict, cfg: Config, device="cpu", seed: int = 0, progress: bool = True) -> dict:
+    """Fine-tune each of `models` ({name: backbone}) on the labelled training documents; {name: test accuracy,
+    name_curve: accuracy per epoch} with num_train, num_test, classes and the majority-class rate."""
+    from maskkit.eval.text import finetune_text_classifier
+
+    e = cfg.eval
+    train, test, result = labelled_documents(cfg, "text-classify")
+    names = result["classes"]
+    log.info("text-classify: fine-tuning %d model(s) on %d classes (%d train / %d test documents)", len(models),
+             len(names), len(train), len(test))
     for name, model in models.items():
         scores = finetune_text_classifier(model, train, test, num_classes=len(names), epochs=e.text_epochs,
                                           lr=e.text_lr, batch_size=e.text_batch_size, seed=seed, device=device,
@@ -419,14 +431,11 @@ def text_probe(models: dict, cfg: Config, device="cpu", seed: int = 0) -> dict:
     that shows what pretraining put there (the issue's "linear probe on frozen features").
     """
     from maskkit.eval.linear_probe import linear_probe
-    from maskkit.eval.text import stratified_subset, subset, text_features
+    from maskkit.eval.text import text_features
 
     e = cfg.eval
-    train, test, names = text_examples(cfg, e.text_max_length)
-    if e.text_labels:
-        train = subset(train, stratified_subset(train.labels, e.text_labels, cfg.data.split_seed))
-    result = {"num_train": len(train), "num_test": len(test), "classes": names,
-              "majority": float(torch.bincount(test.labels).max()) / len(test)}
+    train, test, result = labelled_documents(cfg, "text-probe")
+    names = result["classes"]
     for name, model in models.items():
         model = model.to(device)
         probe = linear_probe(text_features(model, train, e.text_batch_size, device), train.labels,

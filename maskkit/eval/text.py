@@ -49,7 +49,7 @@ from tqdm import tqdm
 from maskkit.config import OptimConfig
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError
-from maskkit.nn.transformer import LMHead
+from maskkit.nn.transformer import LMHead, mean_of_real_tokens
 from maskkit.rng import Stream, scalar_seed
 from maskkit.train.optim import lr_at, param_groups
 
@@ -198,9 +198,7 @@ class TextClassifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone(ids, attention_mask=attention_mask)               # (B, L, D)
-        real = attention_mask.to(tokens.dtype).unsqueeze(-1)                     # (B, L, 1)
-        pooled = (tokens * real).sum(1) / real.sum(1).clamp_min(1)               # (B, D)
-        return self.head(self.norm(pooled))
+        return self.head(self.norm(mean_of_real_tokens(tokens, attention_mask)))
 
 
 @torch.no_grad()
@@ -214,8 +212,7 @@ def text_features(backbone: nn.Module, examples: TextExamples, batch_size: int,
     for indices in torch.arange(len(examples)).split(batch_size):
         ids, attention_mask, _ = _batch(examples, indices, torch.device(device))
         tokens = backbone(ids, attention_mask=attention_mask)                    # (B, L, D)
-        real = attention_mask.to(tokens.dtype).unsqueeze(-1)                     # (B, L, 1)
-        features.append(((tokens * real).sum(1) / real.sum(1).clamp_min(1)).float().cpu())
+        features.append(mean_of_real_tokens(tokens, attention_mask).float().cpu())
     backbone.train(was_training)
     return torch.cat(features) if features else torch.zeros(0, backbone.cfg.dim)
 

@@ -365,14 +365,19 @@ class TextTransformer(nn.Module):
         """(B, L, D) -> (B, D) by the configured pooling."""
         if self.cfg.pool == "cls":
             return tokens[:, 0]
-        real = attention_mask.to(tokens.dtype)
         if self.cfg.pool == "mean":
-            return (tokens * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+            return mean_of_real_tokens(tokens, attention_mask)
         last = attention_mask.long().sum(1) - 1                               # (B,) the last real token
         return tokens[torch.arange(len(tokens), device=tokens.device), last]
 
     def features(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.pool(self(ids, attention_mask), attention_mask)
+
+
+def mean_of_real_tokens(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) tokens, (B, L) mask (1 = real) -> (B, D) the mean over the real tokens; padding counts for nothing."""
+    real = attention_mask.to(tokens.dtype)
+    return (tokens * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
 
 
 class LMHead(nn.Module):
