@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maskkit.errors import MaskkitError
-from maskkit.files import atomic_write_text, cannot_write, publish_mode
+from maskkit.files import atomic_write_text, cannot_write, publish_mode, writing
 
 FORMAT_VERSION = 1
 
@@ -145,10 +145,8 @@ def mark_best(run_dir: Path, checkpoint: Path, keep: int) -> None:
     """Point RUN/checkpoints/best at `checkpoint`, the newest one (atomically, like `latest`); the previous
     best is now pruned like any other, so `keep` checkpoints remain besides the best."""
     directory = Path(run_dir) / "checkpoints"
-    try:
+    with writing(directory / "best"):
         atomic_write_text(directory / "best", checkpoint.name + "\n")
-    except OSError as error:
-        raise MaskkitError(cannot_write(directory / "best", error)) from None
     _prune(directory, keep, protect=checkpoint.name)
 
 
@@ -228,10 +226,8 @@ def record_config(checkpoint: Path, config: dict) -> None:
     --extend-steps records the run's new total, so that a resume from this checkpoint continues to it."""
     state = read_state(checkpoint)
     state["config"] = config
-    try:
+    with writing(checkpoint / "state.json"):
         atomic_write_text(checkpoint / "state.json", json.dumps(state, indent=1))
-    except OSError as error:
-        raise MaskkitError(cannot_write(checkpoint / "state.json", error)) from None
 
 
 def load_training_state(optimizer, checkpoint: Path, state: dict) -> tuple[int, dict[str, torch.Tensor]]:

@@ -44,9 +44,8 @@ def start_metrics(path: Path, resume_step: int | None):
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
-    plt = pyplot()
-
     """The training loss against the step, and the held-out loss (val_loss rows) when the run measured it."""
+    plt = pyplot()
     all_rows = read_metrics(metrics_path)
     rows = [r for r in all_rows if "loss" in r]
     held_out = [r for r in all_rows if "val_loss" in r]
