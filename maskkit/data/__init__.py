@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from maskkit.data.common import collate
-from maskkit.data.images import build_image_dataset
+from maskkit.data.images import build_image_dataset, class_folders
 from maskkit.errors import MaskkitError
 
 log = logging.getLogger("maskkit")
@@ -66,7 +66,6 @@ def build_data(cfg, split: str = "train") -> Data:
                 None, list(cfg.mean), list(cfg.std))
 
 
-
 def build_held_out(cfg) -> Data:
     """Data held out from training, to validate on during training: text's "val" split (its "test" is left
     to the protocols), the test split of images and pairs. Members of data.name whose "test" split is their
@@ -92,7 +91,7 @@ def build_held_out(cfg) -> Data:
 def _has_class_folders(cfg) -> bool:
     """Whether data.path is a labelled folder (one sub-folder per class), as `ImageFolder` reads it."""
     path = Path(cfg.path).expanduser()
-    return path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+    return path.is_dir() and bool(class_folders(path))
 
 
 # What data.tokenizer may be for each data kind (a path to a tokenizer.json besides), for the messages.

@@ -194,6 +194,11 @@ def _open_error(path: Path, decode: bool) -> str | None:
     return None
 
 
+def class_folders(path: Path) -> list[Path]:
+    """The class sub-folders of an image folder (hidden ones left out), sorted: their names are the labels."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 class ImageFolder(Dataset):
     """A directory of images: either one sub-folder per class, or images at the top level (unlabelled).
 
@@ -214,7 +219,7 @@ class ImageFolder(Dataset):
             raise MaskkitError("data.path is empty: set data.path=DIR for data.name=folder")
         if not path.is_dir():
             raise MaskkitError(f"data.path: {path} does not exist or is not a directory")
-        class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_dirs = class_folders(path)
         top = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         loose = [p for p in top if p.suffix.lower() in IMAGE_EXTENSIONS]
         others = [p for p in top if p.suffix.lower() not in IMAGE_EXTENSIONS]    # counted and named below

@@ -120,9 +120,8 @@ class CaptionFile(Dataset):
         rows = self.parse(path, text, delimiter)
         columns = rows[0][1] if rows else []
         if cfg.image_column not in columns or cfg.caption_column not in columns:
-            header = text.split("\n", 1)[0].rstrip("\r")
             hint = ""
-            if other in header and len(next(csv.reader([header], delimiter=other))) > len(columns):
+            if other in first_line and len(next(csv.reader([first_line], delimiter=other))) > len(columns):
                 hint = f"; it looks {'tab' if other == chr(9) else 'comma'}-separated, rename it to .{'tsv' if other == chr(9) else 'csv'}"
             raise MaskkitError(
                 f"{path}: needs the columns data.image_column={cfg.image_column!r} and data.caption_column="
