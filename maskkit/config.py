@@ -334,7 +334,8 @@ def config_with_overrides(values: dict, overrides: list[str], source: str) -> Co
         except MaskkitError as alone:
             if str(alone) == str(combined):
                 raise combined from None
-        shown = " ".join(overrides) if len(" ".join(overrides)) <= 120 else " ".join(overrides)[:117] + "..."
+        shown = " ".join(overrides)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
         config_from_dict(apply_overrides(copy.deepcopy(values), overrides), source=f"command line ({shown})")
         raise
 
