@@ -51,7 +51,12 @@ class TrainConfig:
     # samples of the held-out split, in eval mode (metrics.jsonl rows {"step", "val_loss"}); 0 = off.
     eval_every: int = 0
     eval_samples: int = 256
-    keep_best: bool = False          # RUN/checkpoints/best names the checkpoint of the lowest val_loss
+    # Image backbones also get the kNN protocol's accuracy (eval.knn_k, eval.knn_temperature, eval.pool) at
+    # each measurement: the first eval_samples labelled held-out images, voted on by the first knn_bank
+    # labelled training images, un-augmented (rows {"val_knn"}); 0 = held-out loss only.
+    knn_bank: int = 2048
+    keep_best: bool = False          # RUN/checkpoints/best names the best checkpoint by best_by
+    best_by: str = "val_loss"        # val_loss (lowest) | val_knn (highest; image backbones)
 
 
 @dataclass
@@ -231,8 +236,14 @@ def validate(cfg: Config, source: str = "config") -> None:
     require_int(source, "train.seed", t.seed, 0, 2**63 - 1)
     require_int(source, "train.eval_every", t.eval_every, 0)
     require_int(source, "train.eval_samples", t.eval_samples, 1)
+    require_int(source, "train.knn_bank", t.knn_bank, 0)
     require(not t.keep_best or t.eval_every > 0, source, "train.keep_best", t.keep_best,
-            "false while train.eval_every=0 (the best checkpoint is the one of the lowest held-out loss)")
+            "false while train.eval_every=0 (the best checkpoint is the best measurement on the held-out split)")
+    require(t.best_by in ("val_loss", "val_knn"), source, "train.best_by", t.best_by, "val_loss or val_knn")
+    if t.best_by == "val_knn":
+        require(cfg.data.kind == "image", source, "train.best_by", t.best_by,
+                f"val_loss: kNN accuracy is measured on image backbones only (data.kind={cfg.data.kind})")
+        require(t.knn_bank > 0, source, "train.best_by", t.best_by, "val_loss while train.knn_bank=0 (no kNN)")
     require_int(source, "train.threads", t.threads, 0, 1024)
     require(t.device in ("auto", "cpu", "cuda"), source, "train.device", t.device, "auto, cpu or cuda")
     require(t.precision in ("fp32", "bf16"), source, "train.precision", t.precision, "fp32 or bf16")
@@ -274,7 +285,7 @@ def validate(cfg: Config, source: str = "config") -> None:
 # Keys that say where and how a run executes, not what it computes: a resumed run may change them.
 # Validation only reads the weights (never the training RNG or data order), so it may be turned on or off too.
 RUNTIME_KEYS = ("train.device", "train.threads", "data.num_workers", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.eval_every", "train.keep_best")
+                "train.keep_checkpoints", "train.eval_every", "train.keep_best", "train.knn_bank", "train.best_by")
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

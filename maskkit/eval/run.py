@@ -31,10 +31,10 @@ from maskkit.data.text import run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune, labels_per_class
-from maskkit.eval.knn import knn_accuracy
 from maskkit.eval.linear_probe import linear_probe
 from maskkit.files import atomic_write_text, writing
 from maskkit.methods import build_method
+from maskkit.nn.knn import knn_accuracy
 from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.runlock import RunLock
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state

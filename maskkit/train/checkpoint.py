@@ -4,7 +4,7 @@
                                /optimizer.safetensors  optimizer moments + RNG states
                                /state.json             step, optimizer hyper-parameters, config, method
     RUN/checkpoints/latest                             name of the newest complete checkpoint
-    RUN/checkpoints/best                               train.keep_best: name of the lowest-val_loss one
+    RUN/checkpoints/best                               train.keep_best: name of the best one by train.best_by
 
 A checkpoint directory is filled under a temporary name and renamed when complete, and `latest` is
 replaced with os.replace, so a crash at any moment leaves every earlier checkpoint intact. Temporaries
@@ -83,11 +83,11 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2,
-                    loss: float | None = None, val_loss: float | None = None) -> Path:
+                    loss: float | None = None, measured: dict | None = None) -> Path:
     """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it.
 
-    `loss` is the training loss of the last step, so resuming a finished run can report it; `val_loss` the
-    held-out loss measured at this step, if any (what `best` is chosen by). The checkpoint named in
+    `loss` is the training loss of the last step, so resuming a finished run can report it; `measured` what
+    validation measured at this step, if it did ({"val_loss", "val_knn"}: what `best` is chosen by). The checkpoint named in
     `best` is never pruned: `keep` counts the others. A failed
     write (a full disk, a read-only folder) removes its partial checkpoint and raises a MaskkitError
     naming the file and the cause; `latest` still points at the previous checkpoint, which is untouched.
@@ -99,7 +99,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
     previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
                 else "no checkpoint was written before")
     try:
-        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss, val_loss)
+        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss, measured or {})
     except (OSError, SafetensorError) as error:
         # Free what the failed write took (on a full disk, that is what the next try needs).
         shutil.rmtree(tmp, ignore_errors=True)
@@ -109,7 +109,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
 
 
 def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, step: int, config: dict,
-                      loss: float | None, val_loss: float | None) -> None:
+                      loss: float | None, measured: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -124,7 +124,7 @@ def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, 
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     publish_mode(tmp / "optimizer.safetensors")
     state = {"format": FORMAT_VERSION, "method": method.name, "step": step, "time": time.time(),
-             "loss": loss, "val_loss": val_loss, "optimizer": optim_meta, "config": config}
+             "loss": loss, "val_loss": measured.get("val_loss"), "val_knn": measured.get("val_knn"), "optimizer": optim_meta, "config": config}
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     final = directory / name
     if final.exists():
@@ -150,13 +150,14 @@ def mark_best(run_dir: Path, checkpoint: Path, keep: int) -> None:
     _prune(directory, keep, protect=checkpoint.name)
 
 
-def best_val_loss(run_dir: Path) -> float | None:
-    """The held-out loss of the checkpoint `best` names (None without one): what a resumed run must beat."""
+def best_value(run_dir: Path, key: str = "val_loss") -> float | None:
+    """What validation measured (`key`: val_loss or val_knn) at the checkpoint `best` names (None without one,
+    or when it was not measured there): what a resumed run must beat."""
     best = Path(run_dir) / "checkpoints" / "best"
     if not best.is_file():
         return None
     found = best.parent / best.read_text().strip()
-    return read_state(found).get("val_loss") if (found / "state.json").is_file() else None
+    return read_state(found).get(key) if (found / "state.json").is_file() else None
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -22,13 +22,25 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from maskkit import collectives
-from maskkit.config import Config, config_changes, config_from_dict, config_to_dict, config_with_overrides, save_config
+from maskkit.config import (
+    Config,
+    EvalConfig,
+    config_changes,
+    config_from_dict,
+    config_to_dict,
+    config_with_overrides,
+    save_config,
+)
 from maskkit.data import Data, build_data, build_held_out, check_sources
-from maskkit.data.common import batch_size_of, report_unreadable
+from maskkit.data.augment import ImageAugment
+from maskkit.data.common import batch_size_of, collate, report_unreadable
+from maskkit.data.images import labelled_dataset
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.files import cannot_write, writing
 from maskkit.methods import build_method
+from maskkit.nn.knn import knn_accuracy
+from maskkit.nn.transformer import ViT
 from maskkit.rng import Stream, sample_keys, scalar_seed
 from maskkit.runlock import RunLock
 from maskkit.train import checkpoint, distributed
@@ -221,7 +233,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
     optimizer = build_optimizer(method, cfg.optim, peak_lr)
 
-    start_step, rng_state, final_loss, best_val_loss = 0, None, math.nan, None
+    start_step, rng_state, final_loss, best_value = 0, None, math.nan, None
     if extend_steps < 0:
         raise MaskkitError(f"--extend-steps must be an integer >= 1, got {extend_steps}")
     if extend_steps and not resume:
@@ -237,7 +249,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
         state = checkpoint.load_weights(method, found)
         start_step, rng_state = checkpoint.load_training_state(optimizer, found, state)
         final_loss = state.get("loss") if state.get("loss") is not None else math.nan
-        best_val_loss = checkpoint.best_val_loss(run_dir)
+        best_value = checkpoint.best_value(run_dir, tcfg.best_by)
         if info.is_main:
             log.info("resumed from %s at step %d", found, start_step)
             if extend_steps:
@@ -257,7 +269,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     data = build_data(data_cfg, "train")
     method.check_data(data)
     # Every rank builds it, so that a data set without a held-out split fails on all of them alike.
-    held_out = HeldOut(data_cfg, tcfg) if tcfg.eval_every else None
+    held_out = HeldOut(data_cfg, tcfg, cfg.eval) if tcfg.eval_every else None
     if extend_steps:
         collectives.barrier()   # every rank has read the run's total before rank 0 records the new one
     if info.is_main:
@@ -375,20 +387,24 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                     samples_seen, tic = 0, time.perf_counter()
             # Rank 0 alone measures (on its own copy of the weights: DDP's wrapper is not called, so no rank
             # waits for a collective the others never reach); the others wait at the next step's all-reduce.
-            val_loss = None
+            measured = {}
             if info.is_main and held_out is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-                val_loss = held_out.loss(method, info.device, autocast)
-                _write_row(metrics_file, writer, {"step": done, "val_loss": val_loss}, "val", run_dir)
-                progress.report_val(val_loss)
-            improved = (tcfg.keep_best and val_loss is not None and math.isfinite(val_loss)
-                        and (best_val_loss is None or val_loss < best_val_loss))
+                measured = {"val_loss": held_out.loss(method, info.device, autocast)}
+                knn = held_out.knn(method, info.device, autocast)
+                if knn is not None:
+                    measured["val_knn"] = knn
+                _write_row(metrics_file, writer, {"step": done, **measured}, "val", run_dir)
+                progress.report_val(measured)
+            value = measured.get(tcfg.best_by)
+            improved = tcfg.keep_best and value is not None and math.isfinite(value) and (
+                best_value is None or (value > best_value if tcfg.best_by == "val_knn" else value < best_value))
             progress.update(done)
             if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step or improved):
                 saved = checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict,
-                                                   tcfg.keep_checkpoints, loss=final_loss, val_loss=val_loss)
+                                                   tcfg.keep_checkpoints, loss=final_loss, measured=measured)
                 if improved:
                     checkpoint.mark_best(run_dir, saved, tcfg.keep_checkpoints)
-                    best_val_loss = val_loss
+                    best_value = value
         step = end_step
     finally:
         progress.close()
@@ -445,7 +461,7 @@ class HeldOut:
     its weights are those of a run without validation.
     """
 
-    def __init__(self, data_cfg, tcfg):
+    def __init__(self, data_cfg, tcfg, ecfg=None):
         split = "val" if data_cfg.kind == "text" else "test"
         self.data, self.seed = build_held_out(data_cfg), tcfg.seed
         count = min(len(self.data.dataset), tcfg.eval_samples)
@@ -454,15 +470,29 @@ class HeldOut:
                                f"data.name={data_cfg.name} holds none; set train.eval_every=0")
         size = min(tcfg.batch_size // tcfg.accumulation_steps, count)
         count = count - count % size
-        self.batches = []
-        for start in range(0, count, size):
-            batch = self.data.collate([self.data.dataset[index] for index in range(start, start + size)])
-            for path in batch.pop("unreadable"):
-                report_unreadable(path, "cannot be decoded")
-            if batch_size_of(batch):
-                self.batches.append(batch)
+        self.batches = _collated(self.data.dataset, range(count), size, self.data.collate)
         if not self.batches:
             raise MaskkitError(f"train.eval_every: no readable sample among the first {count} of the {split} split")
+        self.knn_sets = self.normalize = None
+        if data_cfg.kind == "image" and tcfg.knn_bank:
+            self._prepare_knn(data_cfg, tcfg, ecfg or EvalConfig())
+
+    def _prepare_knn(self, data_cfg, tcfg, ecfg) -> None:
+        """The kNN protocol's two sets, as `maskkit eval --protocol knn` reads them (the labelled train and test
+        splits, un-augmented), cut to train.knn_bank and train.eval_samples images and collated once."""
+        try:
+            bank, queries = labelled_dataset(data_cfg, "train"), labelled_dataset(data_cfg, "test")
+        except MaskkitError as error:
+            if tcfg.best_by == "val_knn":
+                raise MaskkitError(f"train.best_by=val_knn: {error}") from None
+            log.info("validation measures the held-out loss only (no kNN accuracy): %s", error)
+            return
+        self.num_classes, self.ecfg = bank.dataset.num_classes, ecfg
+        self.knn_sets = [_collated(dataset, range(min(len(dataset), limit)), 256, collate)
+                         for dataset, limit in ((bank, tcfg.knn_bank), (queries, tcfg.eval_samples))]
+        if not all(self.knn_sets):
+            raise MaskkitError("train.knn_bank: no readable labelled image for the kNN accuracy; set train.knn_bank=0")
+        self.normalize = ImageAugment(data_cfg).normalize
 
     def loss(self, method, device: torch.device, autocast) -> float:
         """The mean loss per held-out sample."""
@@ -484,6 +514,38 @@ class HeldOut:
                 method.train()
         return total / samples
 
+    def knn(self, method, device: torch.device, autocast) -> float | None:
+        """The kNN accuracy of the method's backbone (None when this run measures none: text, pairs, no
+        labels): each held-out image's eval.knn_k most similar bank images vote with exp(cosine / T)."""
+        if self.knn_sets is None or not isinstance(method.backbone, ViT):
+            return None
+        backbone = method.backbone
+        features = []
+        backbone.eval()
+        try:
+            with torch.no_grad(), autocast:
+                for batches in self.knn_sets:
+                    features.append((torch.cat([backbone.features(self.normalize(b["images"].to(device)), self.ecfg.pool)
+                                                for b in batches]).float(),
+                                     torch.cat([b["label"] for b in batches])))
+        finally:
+            backbone.train()
+        (bank, bank_labels), (queries, labels) = features
+        return knn_accuracy(bank, bank_labels, queries, labels, self.ecfg.knn_k, self.ecfg.knn_temperature,
+                            self.num_classes)
+
+
+def _collated(dataset, indices: range, size: int, collate_items) -> list[dict]:
+    """The items at `indices` in batches of `size`, unreadable ones named and dropped (so is an empty batch)."""
+    batches = []
+    for start in range(indices.start, indices.stop, size):
+        batch = collate_items([dataset[index] for index in range(start, min(start + size, indices.stop))])
+        for path in batch.pop("unreadable"):
+            report_unreadable(path, "cannot be decoded")
+        if batch_size_of(batch):
+            batches.append(batch)
+    return batches
+
 
 def _first_readable(data: Data) -> dict:
     """A one-sample batch of the first decodable item: the stand-in for a rank left without samples."""
@@ -502,15 +564,15 @@ class Progress:
         self.description, self.total, self.enabled = description, total, enabled
         self.terminal = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=start, desc=description, dynamic_ncols=True, disable=not self.terminal)
-        self.last_line, self.row, self.val_loss = time.perf_counter(), None, None
+        self.last_line, self.row, self.measured = time.perf_counter(), None, {}
 
     def report(self, row: dict) -> None:
         self.row = row
         if self.terminal:
             self.bar.set_postfix(self._postfix())
 
-    def report_val(self, val_loss: float) -> None:
-        self.val_loss = val_loss
+    def report_val(self, measured: dict) -> None:
+        self.measured = measured
         if self.terminal:
             self.bar.set_postfix(self._postfix())
 
@@ -518,8 +580,10 @@ class Progress:
         row, shown = self.row or {}, {}
         if row:
             shown = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "per_s": f"{row['samples_per_s']:.0f}"}
-        if self.val_loss is not None:
-            shown["val"] = f"{self.val_loss:.4f}"
+        if "val_loss" in self.measured:
+            shown["val"] = f"{self.measured['val_loss']:.4f}"
+        if "val_knn" in self.measured:
+            shown["knn"] = f"{self.measured['val_knn']:.3f}"
         return shown
 
     def update(self, done: int) -> None:
@@ -529,7 +593,8 @@ class Progress:
             done == self.total or time.perf_counter() - self.last_line >= 15
         ):
             row = self.row
-            held_out = f"  held-out loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+            held_out = f"  held-out loss {self.measured['val_loss']:.4f}" if "val_loss" in self.measured else ""
+            held_out += f"  kNN {self.measured['val_knn']:.3f}" if "val_knn" in self.measured else ""
             log.info("%s: step %d/%d  loss %.4f  lr %.2e  %.0f samples/s%s", self.description, row["step"], self.total,
                      row["loss"], row["lr"], row["samples_per_s"], held_out)
             self.last_line, self.row = time.perf_counter(), None

@@ -1,7 +1,7 @@
 """RUN/metrics.jsonl: one JSON row per logged step, kept true to the checkpoints after a crash.
 
 Training rows hold "loss" (and lr, samples/s, ...); validation rows (train.eval_every) are rows of their
-own, {"step": s, "val_loss": ...}, so a reader picks either curve by its key.
+own, {"step": s, "val_loss": ..., "val_knn": ...} (val_knn for image backbones), so a reader picks a curve by its key.
 
 A run killed between two checkpoints has logged steps that its resumed continuation will log again,
 and a kill during a write can leave a torn last line. `start_metrics` therefore keeps exactly the rows
@@ -44,7 +44,8 @@ def start_metrics(path: Path, resume_step: int | None):
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
-    """The training loss against the step, and the held-out loss (val_loss rows) when the run measured it."""
+    """The training loss against the step, the held-out loss (val_loss rows) and the kNN accuracy (val_knn rows,
+    on a right-hand axis) when the run measured them."""
     plt = pyplot()
     all_rows = read_metrics(metrics_path)
     rows = [r for r in all_rows if "loss" in r]
@@ -56,7 +57,14 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     if held_out:
         ax.plot([r["step"] for r in held_out], [r["val_loss"] for r in held_out], marker="o", markersize=3,
                 label="held-out (eval mode)")
-        ax.legend()
+        ax.legend(loc="upper center")
+    knn = [r for r in all_rows if "val_knn" in r]
+    if knn:
+        right = ax.twinx()      # accuracy on its own axis: a fraction next to a loss of another scale
+        right.plot([r["step"] for r in knn], [r["val_knn"] for r in knn], color="tab:green", marker="s",
+                   markersize=3, label="held-out kNN accuracy")
+        right.set_ylabel("kNN accuracy", color="tab:green")
+        right.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss" if held_out else "training loss")
     ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
-"""Validation during training (train.eval_every, train.keep_best): the held-out loss is measured on the held-out
-split, the same way every time, without touching what training computes; resume stays bitwise; the best
-checkpoint survives the rotation of the others; two ranks do not wait for each other forever."""
+"""Validation during training (train.eval_every, train.keep_best): the held-out loss (and, for image backbones,
+the kNN protocol's accuracy) is measured on the held-out split, the same way every time, without touching
+what training computes; resume stays bitwise; the best checkpoint survives the rotation of the others; two
+ranks do not wait for each other forever."""
 
 import json
 
@@ -45,6 +46,7 @@ def test_validation_changes_no_weight_and_a_resumed_run_measures_what_a_straight
     straight, resumed = rows(tmp_path / "straight", "val_loss"), rows(tmp_path / "resumed", "val_loss")
     assert [r["step"] for r in straight] == [2, 4, 6] and straight == resumed
     assert straight[-1]["val_loss"] < straight[0]["val_loss"]      # it measures the training's progress
+    assert all(0 < r["val_knn"] <= 1 for r in straight)            # an image backbone: kNN too, by default
     assert rows(tmp_path / "plain", "val_loss") == []
     # Training rows are unchanged: the losses of the run with validation are the plain run's.
     assert [r["loss"] for r in rows(tmp_path / "straight", "loss")] == [r["loss"] for r in rows(tmp_path / "plain", "loss")]
@@ -101,14 +103,70 @@ def test_keep_best_keeps_the_lowest_val_loss_through_rotation_and_resume(tmp_pat
     assert [r["val_loss"] for r in rows(run, "val_loss")] == [3.0, 1.0, 2.0, 1.5, 2.0, 2.5]
 
 
+def test_the_knn_accuracy_at_validation_is_the_knn_protocol_of_maskkit_eval(tmp_path, tiny_config):
+    """With a bank and a query set as large as the labelled splits, the val_knn of the last step is exactly what
+    `maskkit eval --protocol knn` reports for that checkpoint (same features, same k and T, same votes)."""
+    from maskkit.eval.run import evaluate
+
+    cfg = tiny_config(train={"steps": 4, "eval_every": 4, "eval_samples": 10_000, "knn_bank": 10_000},
+                      eval={"knn_k": 5})
+    train(cfg, tmp_path / "run", progress=False)
+    measured = rows(tmp_path / "run", "val_knn")
+    assert [r["step"] for r in measured] == [4]
+    result = evaluate(tmp_path / "run", "knn")
+    assert result["num_train"] == 1257 and result["num_test"] == 540
+    assert measured[0]["val_knn"] == result["pretrained"]
+    # A smaller bank votes with fewer neighbours to choose from: another (cheaper) measurement.
+    held_out = HeldOut(cfg.data, tiny_config(train={"eval_every": 1, "knn_bank": 50, "eval_samples": 30}).train,
+                       cfg.eval)
+    assert [sum(len(b["label"]) for b in batches) for batches in held_out.knn_sets] == [50, 30]
+
+
+def test_keep_best_by_knn_keeps_the_highest_accuracy_through_resume(tmp_path, tiny_config, monkeypatch):
+    measured = iter([0.2, 0.5, 0.4, 0.45, 0.6, 0.3])
+    monkeypatch.setattr(HeldOut, "knn", lambda self, *args: next(measured))
+    cfg = tiny_config(train={"steps": 6, "eval_every": 1, "keep_best": True, "best_by": "val_knn",
+                             "checkpoint_every": 3, "keep_checkpoints": 1})
+    run = tmp_path / "run"
+    train(cfg, run, stop_at_step=3, progress=False)
+    assert (run / "checkpoints" / "best").read_text() == "step_0000002\n"
+    train(cfg, run, resume=True, progress=False)       # 0.45 at step 4 does not beat step 2's 0.5; 0.6 does
+    assert (run / "checkpoints" / "best").read_text() == "step_0000005\n"
+    assert checkpoint.read_state(run / "checkpoints" / "step_0000005")["val_knn"] == 0.6
+    assert [r["val_knn"] for r in rows(run, "val_knn")] == [0.2, 0.5, 0.4, 0.45, 0.6, 0.3]
+
+
+def test_text_runs_measure_no_knn_and_knn_settings_fail_in_one_line(tmp_path, tiny_config):
+    from maskkit.config import load_config
+
+    cfg = load_config("mlm/tiny", ["data.max_documents=30", "data.block_length=32", "train.eval_every=1",
+                                   "train.batch_size=4", "train.steps=1"])
+    train(cfg, tmp_path / "text", progress=False)
+    assert [sorted(r) for r in rows(tmp_path / "text", "val_loss")] == [["step", "val_loss"]]
+    with pytest.raises(MaskkitError, match=r"train\.best_by must be val_loss: kNN accuracy is measured on image "
+                                           r"backbones only \(data\.kind=text\), got 'val_knn'"):
+        load_config("mlm/tiny", ["train.eval_every=1", "train.keep_best=true", "train.best_by=val_knn"])
+    with pytest.raises(MaskkitError, match=r"train\.best_by must be val_loss or val_knn, got 'knn'"):
+        tiny_config(train={"best_by": "knn"})
+    with pytest.raises(MaskkitError, match=r"train\.knn_bank must be at least 0, got -1"):
+        tiny_config(train={"knn_bank": -1})
+    with pytest.raises(MaskkitError, match=r"train\.best_by must be val_loss while train\.knn_bank=0"):
+        tiny_config(train={"knn_bank": 0, "best_by": "val_knn"})
+    # knn_bank=0: the held-out loss alone.
+    train(tiny_config(train={"steps": 2, "eval_every": 2, "knn_bank": 0}), tmp_path / "off", progress=False)
+    assert [sorted(r) for r in rows(tmp_path / "off", "val_loss")] == [["step", "val_loss"]]
+
+
 def test_the_loss_curve_draws_the_held_out_loss(tmp_path):
     train_rows = [{"step": s, "loss": 2.0 / s} for s in range(1, 7)]
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
                                                 train_rows + [{"step": 3, "val_loss": 1.0}, {"step": 6, "val_loss": 0.5}]))
-    plot_loss_curve(tmp_path / "plain.jsonl", tmp_path / "plain.png")
-    plot_loss_curve(tmp_path / "val.jsonl", tmp_path / "val.png")
-    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "val.png").read_bytes()
+    (tmp_path / "knn.jsonl").write_text((tmp_path / "val.jsonl").read_text() + json.dumps({"step": 6, "val_knn": 0.7}))
+    for name in ("plain", "val", "knn"):
+        plot_loss_curve(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.png")
+    drawn = {(tmp_path / f"{name}.png").read_bytes() for name in ("plain", "val", "knn")}
+    assert len(drawn) == 3
 
 
 def test_validation_settings_and_data_without_a_held_out_split_fail_in_one_line(tmp_path, tiny_config):

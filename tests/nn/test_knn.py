@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskkit.errors import MaskkitError
-from maskkit.eval.knn import knn_accuracy, knn_predict
+from maskkit.nn.knn import knn_accuracy, knn_predict
 
 
 def worked_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
