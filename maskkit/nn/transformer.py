@@ -77,6 +77,17 @@ class Attention(nn.Module):
         q, k, v = self.heads(x, context)
         return self.attend(q, k, v, attn_mask, is_causal)
 
+    def forward_with_scores(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
+        """Self-attention that also returns its pre-softmax scores q k^T / sqrt(d) (B, H, L, L), before any
+        mask (TinyBERT Sec 3.1 distils them; the analysis tools read them). Written out instead of SDPA,
+        which does not return them; `attn_mask` boolean (True = may attend), broadcastable to the scores."""
+        q, k, v = self.heads(x)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                # (B, H, L, L)
+        masked = scores if attn_mask is None else scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        out = masked.softmax(-1) @ v                                          # (B, H, L, D/H)
+        batch, heads, length, head_dim = out.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim)), scores
+
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 
@@ -97,19 +108,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); with `post_norm`, the original
+    Transformer's and BERT's order (Vaswani et al. 2017 Sec 5.4, Devlin et al. 2019): LN(x + Attn(x)), then
+    LN(x + MLP(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6,
-                 activation: str = "gelu"):
+                 activation: str = "gelu", post_norm: bool = False):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, attn_mask=attn_mask, is_causal=is_causal))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.norm2(x))
+
+    def forward_with_scores(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
+        """(output (B, L, D), pre-softmax attention scores (B, H, L, L)): see Attention.forward_with_scores."""
+        if self.post_norm:
+            out, scores = self.attn.forward_with_scores(x, attn_mask)
+            x = self.norm1(x + out)
+            return self.norm2(x + self.mlp(x)), scores
+        out, scores = self.attn.forward_with_scores(self.norm1(x), attn_mask)
+        x = x + out
+        return x + self.mlp(self.norm2(x)), scores
 
 
 @dataclass
@@ -274,6 +301,15 @@ class TextConfig:
     # cost). Off by default so that FLIP's text tower and older checkpoints (no such weights) stay as they
     # were; the MLM and PMLM recipes (tiny and base) turn it on.
     embedding_norm: bool = False
+    # BERT's architecture (Devlin et al. 2019; HF BertModel), for loading and exporting BERT-family models
+    # (maskkit.interop.hf_bert) and for students that export as one (TinyBERT): post-norm blocks and no final
+    # LayerNorm, with BERT's init (every weight normal(0, 0.02), biases 0); token-type (segment) embeddings
+    # (0 = none); a padding row of the token embedding that gets no gradient (-1 = none); the pooler
+    # tanh(W h_[CLS] + b) that BertForSequenceClassification classifies from.
+    post_norm: bool = False
+    type_vocab_size: int = 0
+    padding_idx: int = -1
+    pooler: bool = False
 
     def check(self, source: str, prefix: str = "model.text") -> None:
         require_int(source, f"{prefix}.vocab_size", self.vocab_size, 2)
@@ -287,13 +323,31 @@ class TextConfig:
         require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
         require(self.pool in ("cls", "mean", "eot"), source, f"{prefix}.pool", self.pool, "cls, mean or eot")
         require(self.activation in ACTIVATIONS, source, f"{prefix}.activation", self.activation, "gelu or quick_gelu")
-        require(isinstance(self.embedding_norm, bool), source, f"{prefix}.embedding_norm", self.embedding_norm,
-                "true or false")
+        for key in ("embedding_norm", "post_norm", "pooler"):
+            require(isinstance(getattr(self, key), bool), source, f"{prefix}.{key}", getattr(self, key), "true or false")
+        require_int(source, f"{prefix}.type_vocab_size", self.type_vocab_size, 0)
+        require_int(source, f"{prefix}.padding_idx", self.padding_idx, -1, self.vocab_size - 1)
+        require(not (self.post_norm and self.causal), source, f"{prefix}.post_norm", self.post_norm,
+                f"false with {prefix}.causal=true (post-norm is BERT's encoder, which is bidirectional)")
+
+
+@dataclass
+class TextLayers:
+    """What every layer of a TextTransformer computed (TinyBERT's distillation targets, the analysis tools).
+
+    states: depth + 1 tensors (B, L, D), the embedding output then each block's output (HF's `hidden_states`);
+    scores: depth tensors (B, H, L, L), each block's pre-softmax attention scores q k^T / sqrt(d), unmasked;
+    output: (B, L, D), what `forward` returns (the last state, after the final LayerNorm of a pre-norm model).
+    """
+
+    states: list
+    scores: list
+    output: torch.Tensor
 
 
 class TextTransformer(nn.Module):
-    """Token + learned position embeddings (LayerNorm-ed with `embedding_norm`, as BERT), pre-norm blocks, a
-    final LayerNorm, and pooling.
+    """Token + learned position (+ token-type) embeddings (LayerNorm-ed with `embedding_norm`, as BERT), then
+    pre-norm blocks and a final LayerNorm, or BERT's post-norm blocks with `post_norm`; pooling.
 
     forward(ids (B, L), attention_mask (B, L) with 1 = real token) -> (B, L, D) tokens. Padding is
     never attended to (it is masked out of every key set), so padded and unpadded captions give the
@@ -303,17 +357,43 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim,
+                                            padding_idx=cfg.padding_idx if cfg.padding_idx >= 0 else None)
         self.position_embedding = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.dim))
+        self.token_type_embedding = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size else None
         self.embedding_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.embedding_norm else None
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps, cfg.activation)
-                                    for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps, cfg.activation,
+                                          cfg.post_norm) for _ in range(cfg.depth))
+        self.norm = None if cfg.post_norm else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None
+        if cfg.post_norm:
+            self._init_like_bert()
+        else:
+            self._init_pre_norm()
+        if self.token_embedding.padding_idx is not None:
+            with torch.no_grad():
+                self.token_embedding.weight[self.token_embedding.padding_idx].zero_()
+
+    def _init_pre_norm(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.01)
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.token_type_embedding is not None:
+            nn.init.normal_(self.token_type_embedding.weight, std=0.02)
+        if self.pooler is not None:
+            nn.init.normal_(self.pooler.weight, std=0.02)
+            nn.init.zeros_(self.pooler.bias)
+
+    def _init_like_bert(self) -> None:
+        """HF BertPreTrainedModel._init_weights: normal(0, 0.02) weights, zero biases, LayerNorm 1 and 0."""
+        nn.init.normal_(self.position_embedding, std=0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
     def attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -324,15 +404,9 @@ class TextTransformer(nn.Module):
             allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
         return allowed
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D).
-
-        `positions` (B, L) or (L,): each token's position id (default 0 .. L-1); PMLM gives its appended
-        pseudo-masked tokens the position of the token they stand for, so L may exceed the context
-        length while every position stays inside it. `attn_mask` (B, L, L) or (B, 1, L, L) boolean,
-        True = query may attend key, replaces the padding and causal masks (PMLM, UniLM seq2seq).
-        """
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D): token + position (+ token-type) embeddings, then the embedding LayerNorm."""
         batch, length = ids.shape
         if positions is None:
             if length > self.cfg.context_length:
@@ -348,18 +422,60 @@ class TextTransformer(nn.Module):
             # (whose pseudo-masked tokens repeat positions) differed from run to run with 2 threads.
             position_table = F.embedding(positions, self.position_embedding[0])   # (B, L, D) or (L, D)
         x = self.token_embedding(ids) + position_table.to(self.token_embedding.weight.dtype)   # (B, L, D)
-        if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
+        if self.token_type_embedding is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(ids)          # HF's default: every token of segment A
+            elif token_type_ids.shape != ids.shape:
+                raise MaskkitError(f"token_type_ids of shape {tuple(token_type_ids.shape)} do not match token ids "
+                                   f"of shape {tuple(ids.shape)}")
+            x = x + self.token_type_embedding(token_type_ids)
+        elif token_type_ids is not None and bool(token_type_ids.any()):
+            raise MaskkitError("token_type_ids given to a text model without token-type embeddings "
+                               "(model.text.type_vocab_size=0)")
+        return x if self.embedding_norm is None else self.embedding_norm(x)
+
+    def _mask(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None):
         if attn_mask is None:
-            mask = self.attention_mask(torch.ones_like(ids) if attention_mask is None else attention_mask)
-        else:
-            if attn_mask.shape[-2:] != (length, length) or attn_mask.ndim not in (3, 4):
-                raise MaskkitError(f"attn_mask of shape {tuple(attn_mask.shape)} does not match ids of shape "
-                                   f"{tuple(ids.shape)}; expected (B, {length}, {length}) or (B, 1, {length}, {length})")
-            mask = attn_mask if attn_mask.ndim == 4 else attn_mask.unsqueeze(1)
+            return self.attention_mask(torch.ones_like(ids) if attention_mask is None else attention_mask)
+        length = ids.shape[1]
+        if attn_mask.shape[-2:] != (length, length) or attn_mask.ndim not in (3, 4):
+            raise MaskkitError(f"attn_mask of shape {tuple(attn_mask.shape)} does not match ids of shape "
+                               f"{tuple(ids.shape)}; expected (B, {length}, {length}) or (B, 1, {length}, {length})")
+        return attn_mask if attn_mask.ndim == 4 else attn_mask.unsqueeze(1)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D).
+
+        `positions` (B, L) or (L,): each token's position id (default 0 .. L-1); PMLM gives its appended
+        pseudo-masked tokens the position of the token they stand for, so L may exceed the context
+        length while every position stays inside it. `attn_mask` (B, L, L) or (B, 1, L, L) boolean,
+        True = query may attend key, replaces the padding and causal masks (PMLM, UniLM seq2seq).
+        `token_type_ids` (B, L): BERT's segment ids (default all 0), with model.text.type_vocab_size > 0.
+        """
+        x = self.embed(ids, positions, token_type_ids)
+        mask = self._mask(ids, attention_mask, attn_mask)
         for block in self.blocks:
             x = block(x, attn_mask=mask)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
+
+    def forward_layers(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       token_type_ids: torch.Tensor | None = None) -> TextLayers:
+        """Every layer's output and attention scores (see TextLayers); `output` equals `forward`'s."""
+        x = self.embed(ids, None, token_type_ids)
+        mask = self._mask(ids, attention_mask, None)
+        states, scores = [x], []
+        for block in self.blocks:
+            x, block_scores = block.forward_with_scores(x, attn_mask=mask)
+            states.append(x)
+            scores.append(block_scores)
+        return TextLayers(states, scores, x if self.norm is None else self.norm(x))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler output tanh(W h_[CLS] + b): (B, L, D) -> (B, D); needs model.text.pooler=true."""
+        if self.pooler is None:
+            raise MaskkitError("this text model has no pooler (model.text.pooler=false)")
+        return torch.tanh(self.pooler(tokens[:, 0]))
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, D) by the configured pooling."""
@@ -372,6 +488,28 @@ class TextTransformer(nn.Module):
 
     def features(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.pool(self(ids, attention_mask), attention_mask)
+
+
+class SequenceClassifier(nn.Module):
+    """BERT's sequence classifier (Devlin et al. 2019 Sec 4.1; HF BertForSequenceClassification): a linear
+    layer on the pooler output tanh(W h_[CLS] + b). (B, L) ids -> (B, num_classes) logits. `labels` names the
+    classes in order (HF's id2label)."""
+
+    def __init__(self, backbone: TextTransformer, num_classes: int, labels: list[str] | None = None):
+        super().__init__()
+        if backbone.pooler is None:
+            raise MaskkitError("a sequence classifier needs a text model with a pooler (model.text.pooler=true)")
+        if labels is not None and len(labels) != num_classes:
+            raise MaskkitError(f"{len(labels)} label names for {num_classes} classes")
+        self.backbone, self.labels = backbone, list(labels) if labels else [f"LABEL_{i}" for i in range(num_classes)]
+        self.classifier = nn.Linear(backbone.cfg.dim, num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.backbone(ids, attention_mask, token_type_ids=token_type_ids)    # (B, L, D)
+        return self.classifier(self.backbone.pooled(tokens))                          # (B, C)
 
 
 def mean_of_real_tokens(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
