@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     learn.add_argument("overrides", nargs="*", help="text data keys: data.name=wiki|txt|jsonl|hf data.path=... "
                                                     "data.text_field=...")
 
+    export = sub.add_parser("export", help="write a run's model for another library: maskkit export RUN --to hf DIR")
+    export.add_argument("path", help="run directory or checkpoint directory")
+    export.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), required=True,
+                        help="hf DIR: a Hugging Face save_pretrained folder (mae -> ViTMAEForPreTraining, flip -> "
+                             "CLIPModel, mlm and pmlm with BERT's architecture -> BertForMaskedLM with the tokenizer)")
+
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
     copy.add_argument("recipe")
@@ -181,6 +187,11 @@ def run(args) -> int:
         print(f"wrote a {size}-entry WordPiece vocabulary (at most {args.vocab_size} asked) learnt on the "
               f"{data.name} training split to {out}; train with data.tokenizer={out} and a model vocabulary of at "
               f"least {size} (model.text.vocab_size, or model.vocab_size for xlnet; pmlm needs one more)")
+        return 0
+    if args.command == "export":
+        from maskkit.export import export_run
+
+        print(export_run(args.path, *args.to))
         return 0
     if args.command == "validate":
         from maskkit.train.loop import check_before_training

@@ -20,7 +20,7 @@ LAYERS = [
     ("maskkit.interop", "maskkit.config"),
     ("maskkit.train",),
     ("maskkit.eval",),
-    ("maskkit.demo",),
+    ("maskkit.demo", "maskkit.export"),
     ("maskkit.cli",),
     ("maskkit.__main__",),
 ]

@@ -197,7 +197,8 @@ def save_hf_bert(model, directory, task: str | None = None, tokenizer: Tokenizer
         if not isinstance(model, MLM):
             raise MaskkitError("save_hf_bert: task=masked-lm needs an MLM (a model with its masked-LM head)")
         hf = transformers.BertForMaskedLM(hf_config_from_text(cfg, architectures=["BertForMaskedLM"]))
-        hf_state = text_state_to_hf(state, cfg, "bert.")
+        # BertForMaskedLM has no pooler (HF builds it with add_pooling_layer=False): a pooler is not exported.
+        hf_state = {k: v for k, v in text_state_to_hf(state, cfg, "bert.").items() if ".pooler." not in k}
         head: LMHead = model.head
         hf_state.update({"cls.predictions.transform.dense.weight": head.dense.weight,
                          "cls.predictions.transform.dense.bias": head.dense.bias,
