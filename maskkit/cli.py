@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     learn.add_argument("overrides", nargs="*", help="text data keys: data.name=wiki|txt|jsonl|hf data.path=... "
                                                     "data.text_field=...")
 
+    distill = sub.add_parser("distill", help="TinyBERT: maskkit distill tinybert/tiny [key=value ...] (every stage, "
+                                             "the teacher's fine-tuning first)")
+    distill.add_argument("config", help="a tinybert recipe (see `maskkit ls`) or YAML file")
+    distill.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.general_steps=100")
+    distill.add_argument("--out", help="run directory (default runs/<name>)")
+    distill.add_argument("--resume", action="store_true", help="continue the first unfinished stage")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     export = sub.add_parser("export", help="write a run's model for another library: maskkit export RUN --to hf DIR")
     export.add_argument("path", help="run directory or checkpoint directory")
     export.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), required=True,
@@ -187,6 +195,17 @@ def run(args) -> int:
         print(f"wrote a {size}-entry WordPiece vocabulary (at most {args.vocab_size} asked) learnt on the "
               f"{data.name} training split to {out}; train with data.tokenizer={out} and a model vocabulary of at "
               f"least {size} (model.text.vocab_size, or model.vocab_size for xlnet; pmlm needs one more)")
+        return 0
+    if args.command == "distill":
+        from maskkit.distill import distill
+
+        cfg = configs.load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        summary = distill(args.config, args.overrides, out, resume=args.resume, progress=not args.no_progress)
+        teacher, student = summary["teacher_test_accuracy"], summary["student_test_accuracy"]
+        print(f"distilled {summary['teacher']} into {out / 'hf'} in {summary['seconds']:.0f} s: test accuracy on "
+              f"{summary['num_test']} documents, teacher {teacher:.3f}, student {student:.3f} "
+              f"({100 * student / max(teacher, 1e-9):.1f}% of the teacher); {out / 'distill.json'}")
         return 0
     if args.command == "export":
         from maskkit.export import export_run

@@ -20,7 +20,7 @@ LAYERS = [
     ("maskkit.interop", "maskkit.config"),
     ("maskkit.train",),
     ("maskkit.eval",),
-    ("maskkit.demo", "maskkit.export"),
+    ("maskkit.demo", "maskkit.export", "maskkit.distill"),
     ("maskkit.cli",),
     ("maskkit.__main__",),
 ]

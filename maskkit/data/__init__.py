@@ -34,6 +34,7 @@ class Data:
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None     # [0, 1] pixels -> model input (no augmentation)
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None   # model input -> displayable pixels
     tokenizer: object | None = None    # text and pair data: the Tokenizer that collate uses
+    label_names: list[str] | None = None   # labelled text documents (data.examples=documents): class index -> name
     mean: list[float] | None = None    # image data: the per-channel normalisation (pixels = x * std + mean)
     std: list[float] | None = None
 
@@ -44,8 +45,11 @@ def build_data(cfg, split: str = "train") -> Data:
     from maskkit.data.augment import ImageAugment
 
     if cfg.kind == "text":
-        from maskkit.data.text import build_text_dataset, collate_blocks, prepare_text
+        from maskkit.data.text import build_document_dataset, build_text_dataset, collate_blocks, prepare_text
 
+        if cfg.examples == "documents":
+            dataset, tokenizer, names = build_document_dataset(cfg, split)
+            return Data(dataset, collate, prepare_text, tokenizer=tokenizer, label_names=names)
         dataset, tokenizer, _ = build_text_dataset(cfg, split)
         return Data(dataset, collate_blocks, prepare_text, tokenizer=tokenizer)
 

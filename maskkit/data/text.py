@@ -62,6 +62,10 @@ class TextDataConfig:
     split_seed: int = 0               # the fixed permutation behind the split
     max_documents: int = 0            # use only the first N documents of the corpus (0 = all)
     num_workers: int = 0
+    # blocks: packed pretraining blocks (above) | documents: one labelled document per item, cut / padded to
+    # block_length tokens, with its "label" (unlabelled documents left out): task training (TinyBERT's task
+    # stages, its teacher's fine-tuning)
+    examples: str = "blocks"
 
 
 def check_text_data(d: TextDataConfig, source: str) -> None:
@@ -78,6 +82,10 @@ def check_text_data(d: TextDataConfig, source: str) -> None:
     require_int(source, "data.split_seed", d.split_seed, 0, 2**63 - 1)
     require_int(source, "data.max_documents", d.max_documents, 0)
     require_int(source, "data.num_workers", d.num_workers, 0, 256)
+    require(d.examples in ("blocks", "documents"), source, "data.examples", d.examples, "blocks or documents")
+    if d.examples == "documents":
+        require(d.name == "wiki" or bool(d.label_field), source, "data.label_field", d.label_field,
+                f"the field of each document's label for data.examples=documents (data.name={d.name})")
 
 
 @dataclass
@@ -351,6 +359,32 @@ def build_text_dataset(cfg: TextDataConfig, split: str = "train") -> tuple[Datas
     blocks = pack_blocks(tokenizer.encode_plain([d.text for d in documents]), cfg.block_length, special.cls,
                          special.sep)
     return Indexed(TextBlocks(blocks)), tokenizer, corpus
+
+
+class LabelledDocuments(Dataset):
+    """Labelled documents, tokenised once (one batch call) and cut / padded to a fixed length: item i is
+    {"ids", "attention_mask", "label"}."""
+
+    def __init__(self, documents: list[Document], tokenizer: Tokenizer):
+        self.ids, self.attention_mask = tokenizer.encode([d.text for d in documents])     # (N, L) each
+        self.labels = torch.tensor([d.label for d in documents], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"ids": self.ids[index], "attention_mask": self.attention_mask[index], "label": self.labels[index]}
+
+
+def build_document_dataset(cfg: TextDataConfig, split: str = "train") -> tuple[Dataset, Tokenizer, list[str]]:
+    """(the labelled documents of the split, the tokenizer, the class names) for data.examples=documents."""
+    corpus = read_corpus(cfg)
+    tokenizer = build_text_tokenizer(cfg.tokenizer, cfg.block_length)
+    documents = [d for d in split_documents(corpus.documents, cfg.split, cfg.split_seed, split) if d.label >= 0]
+    if not documents:
+        raise MaskkitError(f"data.examples=documents: the {split} split of {cfg.name} has no labelled document"
+                           + ("" if cfg.name == "wiki" else " (data.label_field names the label)"))
+    return Indexed(LabelledDocuments(documents, tokenizer)), tokenizer, corpus.label_names
 
 
 # A run's own vocabulary

@@ -8,6 +8,7 @@ from maskkit.methods.mae import MAE, MAEConfig
 from maskkit.methods.mlm import MLM, MLMConfig
 from maskkit.methods.moco import MoCo, MoCoConfig
 from maskkit.methods.pmlm import PMLM, PMLMConfig
+from maskkit.methods.tinybert import TinyBERT, TinyBERTConfig
 from maskkit.methods.xlnet import XLNet, XLNetConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
@@ -19,6 +20,7 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "mlm": (MLM, MLMConfig),
     "xlnet": (XLNet, XLNetConfig),
     "pmlm": (PMLM, PMLMConfig),
+    "tinybert": (TinyBERT, TinyBERTConfig),
 }
 
 
@@ -29,4 +31,4 @@ def build_method(cfg) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MethodOutput", "MAE", "MAEConfig", "FLIP", "FLIPConfig", "Energy", "EnergyConfig", "MoCo", "MoCoConfig", "DenseCL", "DenseCLConfig",
-           "MLM", "MLMConfig", "XLNet", "XLNetConfig", "PMLM", "PMLMConfig", "build_method"]
+           "MLM", "MLMConfig", "XLNet", "XLNetConfig", "PMLM", "PMLMConfig", "TinyBERT", "TinyBERTConfig", "build_method"]
