@@ -50,8 +50,6 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
                            "another --out")
     if resume and not (run_dir / "teacher" / "pretrained.safetensors").is_file():
         raise MaskkitError(f"{run_dir} holds no distillation to resume; start it without --resume")
-    with writing(run_dir):
-        (run_dir / "teacher").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenizer_path = prepare_teacher(base.model.teacher, run_dir, base)
     stage = lambda name, extra=(): _stage_config(recipe, overrides, name, tokenizer_path, extra)   # noqa: E731
@@ -109,38 +107,39 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
 
 def prepare_teacher(teacher: str, run_dir: Path, cfg: Config) -> str:
     """Write RUN/teacher/pretrained.safetensors from model.teacher (once) and return the teacher's tokenizer.json,
-    which the student and every stage's data read. A data.tokenizer other than the teacher's is refused."""
+    which the student and every stage's data read. A data.tokenizer other than the teacher's is refused before
+    anything is written."""
     from maskkit.interop.hf_bert import load_hf_bert, minilm_dir
 
     target = run_dir / "teacher" / "pretrained.safetensors"
     tokenizer_record = run_dir / "teacher" / "tokenizer.json"
-    if not target.is_file():
-        if teacher == "minilm":
-            model, tokenizer = load_hf_bert(minilm_dir()), minilm_tokenizer_file()
+    if target.is_file():
+        return str(tokenizer_record)
+    if teacher == "minilm":
+        model, tokenizer = load_hf_bert(minilm_dir()), minilm_tokenizer_file()
+    else:
+        path = Path(teacher).expanduser()
+        if (path / "config.json").is_file():                      # a Hugging Face BERT directory
+            model, tokenizer = load_hf_bert(path), path / "tokenizer.json"
+        elif (path / "checkpoints").is_dir():                     # a maskkit run of a text method
+            model, tokenizer = _model_of_run(path), path / "tokenizer.json"
         else:
-            path = Path(teacher).expanduser()
-            if (path / "config.json").is_file():                      # a Hugging Face BERT directory
-                model, tokenizer = load_hf_bert(path), path / "tokenizer.json"
-            elif (path / "checkpoints").is_dir():                     # a maskkit run of a text method
-                model, tokenizer = _model_of_run(path), path / "tokenizer.json"
-            elif path.is_file() and path.suffix == ".safetensors":    # a teacher file written before
-                model, tokenizer = load_teacher(path)[0], None
-            else:
-                raise MaskkitError(f"model.teacher: {teacher} is not minilm, a Hugging Face BERT directory (with "
-                                   "config.json), a maskkit text run or a teacher file")
-            if tokenizer is None or not Path(tokenizer).is_file():
-                raise MaskkitError(f"model.teacher: {teacher} comes without its tokenizer.json, which the student "
-                                   "must share")
-        if hasattr(model, "encoder"):                                 # an MLM: its encoder is the teacher
-            model = model.encoder
-        save_teacher(model, target, str(teacher))
-        atomic_write_text(tokenizer_record, Path(tokenizer).read_text(encoding="utf-8"))
+            raise MaskkitError(f"model.teacher: {teacher} is not minilm, a Hugging Face BERT directory (with "
+                               "config.json) or a maskkit text run")
+        if not Path(tokenizer).is_file():
+            raise MaskkitError(f"model.teacher: {teacher} comes without its tokenizer.json, which the student must share")
     wanted = cfg.data.tokenizer
-    if wanted != "minilm" or teacher != "minilm":
-        given = minilm_tokenizer_file() if wanted == "minilm" else Path(wanted).expanduser()
-        if not given.is_file() or given.read_text(encoding="utf-8") != tokenizer_record.read_text(encoding="utf-8"):
-            raise MaskkitError(f"data.tokenizer={wanted} is not the teacher's tokenizer ({teacher}): the student reads "
-                               f"the teacher's; set data.tokenizer={tokenizer_record}")
+    given = minilm_tokenizer_file() if wanted == "minilm" else Path(wanted).expanduser()
+    teacher_vocabulary = Path(tokenizer).read_text(encoding="utf-8")
+    if not given.is_file() or given.read_text(encoding="utf-8") != teacher_vocabulary:
+        raise MaskkitError(f"data.tokenizer={wanted} is not the teacher's tokenizer ({teacher}): the student reads the "
+                           f"teacher's; set data.tokenizer={tokenizer}")
+    if hasattr(model, "encoder"):                                 # an MLM: its encoder is the teacher
+        model = model.encoder
+    with writing(run_dir / "teacher"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tokenizer_record, teacher_vocabulary)
+        save_teacher(model, target, str(teacher))
     return str(tokenizer_record)
 
 

@@ -39,8 +39,6 @@ def export_run(path: str | Path, to: str, directory: str | Path) -> str:
                            f"{checkpoint.parent.parent / 'backbone.safetensors'}")
     from maskkit.interop import hf, hf_bert, hf_clip
 
-    hf._import_transformers().utils.logging.disable_progress_bar()     # one line of output, not a bar per shard
-
     tmp = directory.with_name(f".{directory.name}.tmp-export")
     with writing(directory):
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ still writes, use the 4.x names (`vit.encoder.layer.0.attention.attention.query.
 `from_pretrained` renames on load; so read a directory with `load_hf_vitmae(directory)`, not safetensors.
 """
 
+import contextlib
 import math
 from collections.abc import Iterable
 from os import PathLike
@@ -252,6 +253,20 @@ def _import_transformers():
     return transformers
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars from transformers (loading or writing weights) while maskkit calls it: maskkit says in
+    one line what it loaded or wrote."""
+    logging = _import_transformers().utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def from_pretrained_dir(model_class, path):
     """`model_class.from_pretrained` on a local directory; a path that is not one, or a directory it cannot
     load, is a one-line MaskkitError."""
@@ -260,7 +275,8 @@ def from_pretrained_dir(model_class, path):
         raise MaskkitError(f"{path}: not a directory; pass a local directory written by "
                            f"{model_class.__name__}.save_pretrained")
     try:
-        return model_class.from_pretrained(path, local_files_only=True)
+        with quiet_transformers():
+            return model_class.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MaskkitError(f"{path}: cannot load a {model_class.__name__}: {first_line}") from None
@@ -288,5 +304,6 @@ def save_hf_vitmae(mae: MAE, directory) -> Path:
     transformers = _import_transformers()
     model = transformers.ViTMAEForPreTraining(hf_config_from_mae(mae.cfg))
     model.load_state_dict(mae_to_hf_state_dict(mae.state_dict(), mae.cfg), strict=True)
-    model.save_pretrained(directory)
+    with quiet_transformers():
+        model.save_pretrained(directory)
     return Path(directory)

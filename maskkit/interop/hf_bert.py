@@ -20,7 +20,7 @@ import torch
 
 from maskkit.data.tokenizer import Tokenizer, minilm_tokenizer_file
 from maskkit.errors import MaskkitError
-from maskkit.interop.hf import _import_transformers, from_pretrained_dir
+from maskkit.interop.hf import _import_transformers, from_pretrained_dir, quiet_transformers
 from maskkit.methods.mlm import MLM, MLMConfig
 from maskkit.nn.transformer import LMHead, SequenceClassifier, TextConfig, TextTransformer
 
@@ -224,7 +224,8 @@ def save_hf_bert(model, directory, task: str | None = None, tokenizer: Tokenizer
     if missing or unexpected:
         raise MaskkitError(f"save_hf_bert: keys that do not match {type(hf).__name__}: {(missing + unexpected)[:3]}")
     directory = Path(directory).expanduser()
-    hf.save_pretrained(directory)
+    with quiet_transformers():
+        hf.save_pretrained(directory)
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, directory, cfg.context_length)
     return directory

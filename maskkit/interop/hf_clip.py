@@ -15,7 +15,7 @@ the last real token, which is the same token for CLIP-tokenised input.
 import torch
 
 from maskkit.errors import MaskkitError
-from maskkit.interop.hf import _import_transformers, from_pretrained_dir
+from maskkit.interop.hf import _import_transformers, from_pretrained_dir, quiet_transformers
 from maskkit.methods.flip import FLIP, FLIPConfig
 from maskkit.nn.transformer import TextConfig, ViTConfig
 
@@ -152,4 +152,5 @@ def save_hf_clip(flip: FLIP, path) -> None:
     missing, unexpected = model.load_state_dict(flip_to_hf_clip_state_dict(flip.state_dict(), flip.cfg), strict=False)
     if unexpected or any("position_ids" not in k for k in missing):
         raise AssertionError(f"CLIP state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.save_pretrained(path)
+    with quiet_transformers():
+        model.save_pretrained(path)

@@ -87,7 +87,7 @@ class TinyBERTConfig:
     augment_mlm: str = ""             # a BertForMaskedLM directory with the teacher's vocabulary ("" = embeddings only)
 
     def check(self, data, source: str) -> None:
-        require(self.stage in STAGES, source, "model.stage", self.stage, ", ".join(STAGES))
+        require(self.stage in STAGES, source, "model.stage", self.stage, "one of " + ", ".join(STAGES))
         require(bool(self.teacher), source, "model.teacher", self.teacher, "a teacher (minilm, a directory or a file)")
         self.student.check(source, "model.student")
         require(self.student.post_norm and self.student.embedding_norm and self.student.pooler, source,
@@ -174,7 +174,7 @@ def uniform_layer_map(student_depth: int, teacher_depth: int) -> list[int]:
     if teacher_depth % student_depth:
         raise MaskkitError(f"the teacher's {teacher_depth} layers are not a multiple of the student's {student_depth} "
                            "(model.student.depth): give the mapping, e.g. model.layer_map="
-                           f"[{','.join(str(round((m + 1) * teacher_depth / student_depth)) for m in range(student_depth))}]")
+                           f"[{','.join(str(math.ceil((m + 1) * teacher_depth / student_depth)) for m in range(student_depth))}]")
     step = teacher_depth // student_depth
     return [step * (m + 1) for m in range(student_depth)]
 
@@ -250,6 +250,13 @@ class TinyBERT(Method):
         self.embedding_projection = nn.Linear(student_cfg.dim, teacher_cfg.dim)     # W_e of Eq. 9
         self.hidden_projection = nn.Linear(student_cfg.dim, teacher_cfg.dim)        # W_h, shared by the layers
         self.label_order: torch.Tensor | None = None
+        # What a stage's loss does not reach is not trained in it (and DDP would wait for its gradients forever):
+        # the pooler and classifier before the prediction stage, the projections in it. Every stage keeps every
+        # weight, so each starts from the one before it (train.init_from).
+        idle = ([self.embedding_projection, self.hidden_projection] if cfg.stage == "prediction"
+                else [self.model.classifier, self.model.backbone.pooler])
+        for module in idle:
+            module.requires_grad_(False)
 
     @property
     def backbone(self) -> TextTransformer:
