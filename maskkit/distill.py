@@ -5,6 +5,7 @@ RUN/
   teacher-finetune/                stage teacher: the teacher fine-tuned on the task (skipped for a classifier)
   teacher/task.safetensors         the task teacher, and teacher_hf/ (BertForSequenceClassification + tokenizer)
   general/                         stage general: general distillation on the unlabelled corpus
+  task.jsonl                       the task's labelled training documents (all, or model.task_documents of them)
   augment/part-*.jsonl             the task's training documents and their augmented copies (Sec 3.3)
   intermediate/                    stage intermediate: task distillation of the layers, on the augmented data
   prediction/                      stage prediction: task distillation of the prediction layer
@@ -53,7 +54,8 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
     started = time.perf_counter()
     tokenizer_path = prepare_teacher(base.model.teacher, run_dir, base)
     stage = lambda name, extra=(): _stage_config(recipe, overrides, name, tokenizer_path, extra)   # noqa: E731
-    labels = _task_labels(stage("teacher"))
+    task_file, labels = task_documents(stage("teacher"), run_dir / "task.jsonl")
+    on_task = ["data.name=jsonl", f"data.path={task_file}", "data.label_field=label", "data.split=[1.0,0.0,0.0]"]
     pretrained = run_dir / "teacher" / "pretrained.safetensors"
     label_list = "[" + ",".join(json.dumps(name) for name in labels) + "]"
     common = [f"model.labels={label_list}"]
@@ -69,8 +71,8 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
         if not task_teacher.is_file():
             save_teacher(teacher_model, task_teacher, f"{base.model.teacher} (already a classifier)")
     elif not task_teacher.is_file():
-        finetune = _run_stage(stage("teacher", [*common, f"model.teacher={pretrained}"]), run_dir / "teacher-finetune",
-                              progress)
+        finetune = _run_stage(stage("teacher", [*common, *on_task, f"model.teacher={pretrained}"]),
+                              run_dir / "teacher-finetune", progress)
         save_teacher(finetune.model, task_teacher, f"{base.model.teacher} fine-tuned in {run_dir / 'teacher-finetune'}")
     task_model, _ = load_teacher(task_teacher)
     if not (run_dir / "teacher_hf" / "config.json").is_file():
@@ -83,7 +85,7 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
         if not general_teacher.is_file():
             save_teacher(teacher_model.backbone, general_teacher, f"the encoder of {base.model.teacher}")
     _run_stage(stage("general", [*common, f"model.teacher={general_teacher}"]), run_dir / "general", progress)
-    augmented = augment(stage("intermediate"), task_model, tokenizer_path, run_dir / "augment")
+    augmented = augment(stage("intermediate", on_task), task_model, tokenizer_path, run_dir / "augment")
     task_data = [f"model.teacher={task_teacher}", "data.name=jsonl", f"data.path={augmented}",
                  "data.label_field=label", "data.split=[1.0,0.0,0.0]", "data.examples=documents"]
     _run_stage(stage("intermediate", [*common, *task_data, f"train.init_from={run_dir / 'general'}"]),
@@ -93,10 +95,11 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
     if not (run_dir / "hf" / "config.json").is_file():
         _save_hf(student.model, run_dir / "hf", tokenizer_path)
 
-    test = _test_documents(stage("teacher"))
+    test, test_labels = test_documents(stage("teacher"))
     summary = {"teacher": str(base.model.teacher), "labels": list(task_model.labels),
-               "teacher_test_accuracy": accuracy(task_model, test, task_model.labels, labels),
-               "student_test_accuracy": accuracy(student.model, test, student.model.labels, labels),
+               "task_documents": _count_lines(task_file),
+               "teacher_test_accuracy": accuracy(task_model, test, task_model.labels, test_labels),
+               "student_test_accuracy": accuracy(student.model, test, student.model.labels, test_labels),
                "num_test": len(test.labels), "augmented_documents": _count_lines(augmented),
                "seconds": round(time.perf_counter() - started, 1), "student_hf": str(run_dir / "hf"),
                "teacher_hf": str(run_dir / "teacher_hf")}
@@ -166,9 +169,28 @@ def _stage_config(recipe: str, overrides: list[str], stage: str, tokenizer: str,
                                 f"data.tokenizer={tokenizer}", *extra])
 
 
-def _task_labels(cfg: Config) -> list[str]:
-    _, _, names = build_document_dataset(cfg.data, "train")
-    return names
+def task_documents(cfg: Config, path: Path) -> tuple[Path, list[str]]:
+    """RUN/task.jsonl: the task's labelled training documents ({"text", "label" name}), model.task_documents of them
+    when set (class-stratified); every stage that reads the task reads this file. Returns (it, the class names)."""
+    from maskkit.data.text import read_corpus, split_documents
+    from maskkit.eval.text import stratified_subset
+
+    corpus = read_corpus(cfg.data)
+    documents = [d for d in split_documents(corpus.documents, cfg.data.split, cfg.data.split_seed, "train")
+                 if d.label >= 0]
+    if not documents:
+        raise MaskkitError(f"data.name={cfg.data.name}: the training split has no labelled document for the task"
+                           + ("" if cfg.data.name == "wiki" else " (data.label_field names the label)"))
+    if cfg.model.task_documents:
+        chosen = stratified_subset(torch.tensor([d.label for d in documents]), cfg.model.task_documents,
+                                   cfg.data.split_seed)
+        documents = [documents[i] for i in chosen.tolist()]
+    names = sorted({corpus.label_names[d.label] for d in documents})
+    if not path.is_file():
+        lines = [json.dumps({"text": d.text, "label": corpus.label_names[d.label]}) for d in documents]
+        with writing(path):
+            atomic_write_text(path, "\n".join(lines) + "\n")
+    return path, names
 
 
 def _run_stage(cfg: Config, run_dir: Path, progress: bool):
@@ -195,7 +217,7 @@ def augment(cfg: Config, teacher: SequenceClassifier, tokenizer_path: str, out_d
         return joined
     from maskkit.data.text import read_corpus, split_documents
 
-    corpus = read_corpus(cfg.data)
+    corpus = read_corpus(cfg.data)                  # the task file: every document trains
     documents = [d for d in split_documents(corpus.documents, cfg.data.split, cfg.data.split_seed, "train")
                  if d.label >= 0]
     tokenizer = Tokenizer.from_file(tokenizer_path, cfg.data.block_length)
@@ -253,9 +275,10 @@ def _save_hf(model: SequenceClassifier, directory: Path, tokenizer_path: str) ->
         tmp.rename(directory)
 
 
-def _test_documents(cfg: Config):
-    dataset, _, _ = build_document_dataset(dataclasses.replace(cfg.data, examples="documents"), "test")
-    return dataset.dataset
+def test_documents(cfg: Config):
+    """(the labelled documents of the data's test split, their class names)."""
+    dataset, _, names = build_document_dataset(dataclasses.replace(cfg.data, examples="documents"), "test")
+    return dataset.dataset, names
 
 
 @torch.no_grad()
@@ -265,7 +288,8 @@ def accuracy(model: SequenceClassifier, documents, model_labels: list[str], data
     from maskkit.methods.tinybert import trim
 
     model.eval()
-    order = torch.tensor([model_labels.index(name) for name in data_labels])
+    # A class the model does not know counts as wrong (index -1 matches no prediction).
+    order = torch.tensor([model_labels.index(name) if name in model_labels else -1 for name in data_labels])
     correct = 0
     for start in range(0, len(documents), batch_size):
         ids, mask = trim(documents.ids[start:start + batch_size], documents.attention_mask[start:start + batch_size])

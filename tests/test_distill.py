@@ -72,7 +72,10 @@ def test_distill_writes_a_student_and_a_task_teacher_that_run_in_a_pipeline(tmp_
 
 
 def test_an_interrupted_distillation_resumes_to_the_uninterrupted_weights(tmp_path, teacher_dir, monkeypatch):
-    distill("tinybert/tiny", overrides(teacher_dir), tmp_path / "straight", progress=False)
+    few = [*overrides(teacher_dir), "model.task_documents=50"]          # a low-resource task: 50 labelled documents
+    summary = distill("tinybert/tiny", few, tmp_path / "straight", progress=False)
+    task = [json.loads(line) for line in (tmp_path / "straight" / "task.jsonl").read_text().splitlines()]
+    assert summary["task_documents"] == len(task) == 50 and len({row["label"] for row in task}) >= 5
     real_train = distill_module.train
     interrupted = []
 
@@ -85,10 +88,10 @@ def test_an_interrupted_distillation_resumes_to_the_uninterrupted_weights(tmp_pa
 
     monkeypatch.setattr(distill_module, "train", train_then_die)
     with pytest.raises(KeyboardInterrupt):
-        distill("tinybert/tiny", overrides(teacher_dir), tmp_path / "resumed", progress=False)
+        distill("tinybert/tiny", few, tmp_path / "resumed", progress=False)
     with pytest.raises(MaskkitError, match=r"already holds a distillation; continue it with --resume"):
-        distill("tinybert/tiny", overrides(teacher_dir), tmp_path / "resumed", progress=False)
-    distill("tinybert/tiny", overrides(teacher_dir), tmp_path / "resumed", resume=True, progress=False)
+        distill("tinybert/tiny", few, tmp_path / "resumed", progress=False)
+    distill("tinybert/tiny", few, tmp_path / "resumed", resume=True, progress=False)
     assert interrupted
     straight, resumed = final_weights(tmp_path / "straight" / "prediction"), final_weights(tmp_path / "resumed" / "prediction")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

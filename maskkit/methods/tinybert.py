@@ -85,6 +85,9 @@ class TinyBERTConfig:
     augment_probability: float = 0.4
     augment_candidates: int = 15
     augment_mlm: str = ""             # a BertForMaskedLM directory with the teacher's vocabulary ("" = embeddings only)
+    # maskkit distill: the task's labelled training documents (class-stratified, seeded by data.split_seed);
+    # 0 = every labelled document of the training split, e.g. 1000 for a low-resource task
+    task_documents: int = 0
 
     def check(self, data, source: str) -> None:
         require(self.stage in STAGES, source, "model.stage", self.stage, "one of " + ", ".join(STAGES))
@@ -110,6 +113,7 @@ class TinyBERTConfig:
         require_int(source, "model.augment_copies", self.augment_copies, 0)
         require_float(source, "model.augment_probability", self.augment_probability, 0.0, 1.0)
         require_int(source, "model.augment_candidates", self.augment_candidates, 1)
+        require_int(source, "model.task_documents", self.task_documents, 0)
         kind = getattr(data, "kind", None)
         require(kind == "text", source, "data.kind", kind, "text for method tinybert")
         wanted = "blocks" if self.stage == "general" else "documents"
