@@ -99,18 +99,22 @@ def test_uniform_layer_map_is_g_of_m_and_a_mismatch_names_a_mapping():
         uniform_layer_map(4, 6)
 
 
-@pytest.mark.parametrize("layer_map", [[], [1, 3]])
-def test_intermediate_loss_is_the_sum_over_the_mapped_layers(tmp_path, layer_map):
-    values = tinybert_values(teacher_file(tmp_path), model={"layer_map": layer_map})
+def method_and_batch(values: dict):
+    """The method of `values`, its loss on the first 4 documents, and those documents' ids and mask cut to their
+    longest (what the method itself trims to)."""
     method = build_method(config_from_dict(values))
-    assert method.layer_map == (layer_map or [2, 4]) and method.teacher.training is False
     data = build_data(config_from_dict(values).data)
     method.check_data(data)
     batch = data.collate([data.dataset[i] for i in range(4)])
     out = method(batch)
-    ids, mask = batch["ids"], batch["attention_mask"]
-    length = int(mask.sum(1).max())
-    ids, mask = ids[:, :length], mask[:, :length]
+    length = int(batch["attention_mask"].sum(1).max())
+    return method, out, batch["ids"][:, :length], batch["attention_mask"][:, :length]
+
+
+@pytest.mark.parametrize("layer_map", [[], [1, 3]])
+def test_intermediate_loss_is_the_sum_over_the_mapped_layers(tmp_path, layer_map):
+    method, out, ids, mask = method_and_batch(tinybert_values(teacher_file(tmp_path), model={"layer_map": layer_map}))
+    assert method.layer_map == (layer_map or [2, 4]) and method.teacher.training is False
     with torch.no_grad():
         teacher = method.teacher.backbone.forward_layers(ids, mask)
         student = method.model.backbone.forward_layers(ids, mask)
@@ -128,17 +132,10 @@ def test_intermediate_loss_is_the_sum_over_the_mapped_layers(tmp_path, layer_map
 
 
 def test_prediction_stage_distils_the_teacher_logits(tmp_path):
-    values = tinybert_values(teacher_file(tmp_path), "prediction", model={"temperature": 2.0})
-    method = build_method(config_from_dict(values))
-    data = build_data(config_from_dict(values).data)
-    method.check_data(data)
-    batch = data.collate([data.dataset[i] for i in range(4)])
-    out = method(batch)
-    ids, mask = batch["ids"], batch["attention_mask"]
-    length = int(mask.sum(1).max())
+    method, out, ids, mask = method_and_batch(tinybert_values(teacher_file(tmp_path), "prediction",
+                                                              model={"temperature": 2.0}))
     with torch.no_grad():
-        expected = soft_cross_entropy(method.model(ids[:, :length], mask[:, :length]),
-                                      method.teacher(ids[:, :length], mask[:, :length]), 2.0)
+        expected = soft_cross_entropy(method.model(ids, mask), method.teacher(ids, mask), 2.0)
     assert_close_at_scale(out.loss.detach(), expected, SUMMATION_ORDER)
 
 
