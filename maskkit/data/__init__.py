@@ -34,9 +34,9 @@ class Data:
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None     # [0, 1] pixels -> model input (no augmentation)
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None   # model input -> displayable pixels
     tokenizer: object | None = None    # text and pair data: the Tokenizer that collate uses
-    label_names: list[str] | None = None   # labelled text documents (data.examples=documents): class index -> name
     mean: list[float] | None = None    # image data: the per-channel normalisation (pixels = x * std + mean)
     std: list[float] | None = None
+    label_names: list[str] | None = None   # labelled text documents (data.examples=documents): class index -> name
 
 
 def build_data(cfg, split: str = "train") -> Data:
