@@ -31,7 +31,7 @@ from maskkit.data.tokenizer import Tokenizer, minilm_tokenizer_file
 from maskkit.errors import MaskkitError
 from maskkit.files import atomic_write_text, writing
 from maskkit.methods.tinybert import augment_documents, load_teacher, save_teacher
-from maskkit.nn.transformer import SequenceClassifier, TextTransformer
+from maskkit.nn.transformer import SequenceClassifier, TextTransformer, trim_padding
 from maskkit.train.checkpoint import find_checkpoint, read_state
 from maskkit.train.loop import train
 
@@ -285,14 +285,12 @@ def test_documents(cfg: Config):
 def accuracy(model: SequenceClassifier, documents, model_labels: list[str], data_labels: list[str],
              batch_size: int = 64) -> float:
     """Test accuracy of `model` on labelled documents (their labels index `data_labels`, mapped by name)."""
-    from maskkit.methods.tinybert import trim
-
     model.eval()
     # A class the model does not know counts as wrong (index -1 matches no prediction).
     order = torch.tensor([model_labels.index(name) if name in model_labels else -1 for name in data_labels])
     correct = 0
     for start in range(0, len(documents), batch_size):
-        ids, mask = trim(documents.ids[start:start + batch_size], documents.attention_mask[start:start + batch_size])
+        ids, mask = trim_padding(documents.ids[start:start + batch_size], documents.attention_mask[start:start + batch_size])
         correct += int((model(ids, mask).argmax(-1) == order[documents.labels[start:start + batch_size]]).sum())
     return correct / len(documents)
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from maskkit.config import OptimConfig
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError
-from maskkit.nn.transformer import LMHead, mean_of_real_tokens
+from maskkit.nn.transformer import LMHead, mean_of_real_tokens, trim_padding
 from maskkit.rng import Stream, scalar_seed
 from maskkit.train.optim import lr_at, param_groups
 
@@ -217,15 +217,8 @@ def text_features(backbone: nn.Module, examples: TextExamples, batch_size: int,
     return torch.cat(features) if features else torch.zeros(0, backbone.cfg.dim)
 
 
-def _trim(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns after the batch's last real token (tokenizers pad to the context length)."""
-    real_columns = attention_mask.bool().any(0).nonzero()
-    length = int(real_columns.max()) + 1 if len(real_columns) else 1
-    return ids[:, :length], attention_mask[:, :length]
-
-
 def _batch(examples: TextExamples, indices, device: torch.device):
-    ids, attention_mask = _trim(examples.ids[indices], examples.attention_mask[indices])
+    ids, attention_mask = trim_padding(examples.ids[indices], examples.attention_mask[indices])
     return ids.to(device), attention_mask.to(device), examples.labels[indices].to(device)
 
 

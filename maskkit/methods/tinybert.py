@@ -44,7 +44,7 @@ from torch import nn
 
 from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.methods.base import Method, MethodOutput
-from maskkit.nn.transformer import SequenceClassifier, TextConfig, TextTransformer
+from maskkit.nn.transformer import SequenceClassifier, TextConfig, TextTransformer, trim_padding
 
 STAGES = ("teacher", "general", "intermediate", "prediction")
 
@@ -202,12 +202,6 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
 
 
-def trim(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns after the batch's last real token (documents are padded to data.block_length)."""
-    length = max(int(attention_mask.sum(1).max()), 1)
-    return ids[:, :length], attention_mask[:, :length]
-
-
 class TinyBERT(Method):
     name = "tinybert"
 
@@ -285,7 +279,7 @@ class TinyBERT(Method):
         self.label_order = torch.tensor([self.labels.index(name) for name in names], dtype=torch.long)
 
     def forward(self, batch: dict) -> MethodOutput:
-        ids, attention_mask = trim(batch["ids"], batch["attention_mask"])             # (B, L) each
+        ids, attention_mask = trim_padding(batch["ids"], batch["attention_mask"])             # (B, L) each
         if self.cfg.stage == "teacher":
             logits = self.model(ids, attention_mask)                                  # (B, C)
             labels = self.task_labels(batch)

@@ -68,7 +68,10 @@ class Attention(nn.Module):
 
         `attn_mask`: boolean (True = may attend) or additive float, broadcastable to (B, H, Lq, Lk).
         """
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal))
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, D/H) per-head outputs -> (B, L, D), projected."""
         batch, heads, length, head_dim = out.shape
         return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
 
@@ -84,9 +87,7 @@ class Attention(nn.Module):
         q, k, v = self.heads(x)
         scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                # (B, H, L, L)
         masked = scores if attn_mask is None else scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
-        out = masked.softmax(-1) @ v                                          # (B, H, L, D/H)
-        batch, heads, length, head_dim = out.shape
-        return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim)), scores
+        return self._merge(masked.softmax(-1) @ v), scores
 
 
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -122,21 +123,26 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.post_norm:
-            x = self.norm1(x + self.attn(x, attn_mask=attn_mask, is_causal=is_causal))
-            return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        return x + self.mlp(self.norm2(x))
+        return self._residuals(x, lambda h: self.attn(h, attn_mask=attn_mask, is_causal=is_causal))
 
     def forward_with_scores(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
         """(output (B, L, D), pre-softmax attention scores (B, H, L, L)): see Attention.forward_with_scores."""
+        scores = []
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            out, layer_scores = self.attn.forward_with_scores(h, attn_mask)
+            scores.append(layer_scores)
+            return out
+
+        return self._residuals(x, attend), scores[0]
+
+    def _residuals(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """The block around `attend` (its attention), in the block's norm order."""
         if self.post_norm:
-            out, scores = self.attn.forward_with_scores(x, attn_mask)
-            x = self.norm1(x + out)
-            return self.norm2(x + self.mlp(x)), scores
-        out, scores = self.attn.forward_with_scores(self.norm1(x), attn_mask)
-        x = x + out
-        return x + self.mlp(self.norm2(x)), scores
+            x = self.norm1(x + attend(x))
+            return self.norm2(x + self.mlp(x))
+        x = x + attend(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 @dataclass
@@ -510,6 +516,13 @@ class SequenceClassifier(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.backbone(ids, attention_mask, token_type_ids=token_type_ids)    # (B, L, D)
         return self.classifier(self.backbone.pooled(tokens))                          # (B, C)
+
+
+def trim_padding(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns after the batch's last real token (tokenizers pad to the context length)."""
+    real_columns = attention_mask.bool().any(0).nonzero()
+    length = int(real_columns.max()) + 1 if len(real_columns) else 1
+    return ids[:, :length], attention_mask[:, :length]
 
 
 def mean_of_real_tokens(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

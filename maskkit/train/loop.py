@@ -470,7 +470,7 @@ class HeldOut:
                                f"data.name={data_cfg.name} holds none; set train.eval_every=0")
         size = min(tcfg.batch_size // tcfg.accumulation_steps, count)
         count = count - count % size
-        self.batches = _collated(self.data.dataset, range(count), size, self.data.collate)
+        self.batches = _collated(self.data.dataset, count, size, self.data.collate)
         if not self.batches:
             raise MaskkitError(f"train.eval_every: no readable sample among the first {count} of the {split} split")
         self.knn_sets = self.normalize = None
@@ -488,7 +488,7 @@ class HeldOut:
             log.info("validation measures the held-out loss only (no kNN accuracy): %s", error)
             return
         self.num_classes, self.ecfg = bank.dataset.num_classes, ecfg
-        self.knn_sets = [_collated(dataset, range(min(len(dataset), limit)), 256, collate)
+        self.knn_sets = [_collated(dataset, min(len(dataset), limit), 256, collate)
                          for dataset, limit in ((bank, tcfg.knn_bank), (queries, tcfg.eval_samples))]
         if not all(self.knn_sets):
             raise MaskkitError("train.knn_bank: no readable labelled image for the kNN accuracy; set train.knn_bank=0")
@@ -519,7 +519,7 @@ class HeldOut:
         labels): each held-out image's eval.knn_k most similar bank images vote with exp(cosine / T)."""
         if self.knn_sets is None or not isinstance(method.backbone, ViT):
             return None
-        backbone = method.backbone
+        backbone, was_training = method.backbone, method.backbone.training
         features = []
         backbone.eval()
         try:
@@ -529,17 +529,17 @@ class HeldOut:
                                                 for b in batches]).float(),
                                      torch.cat([b["label"] for b in batches])))
         finally:
-            backbone.train()
+            backbone.train(was_training)
         (bank, bank_labels), (queries, labels) = features
         return knn_accuracy(bank, bank_labels, queries, labels, self.ecfg.knn_k, self.ecfg.knn_temperature,
                             self.num_classes)
 
 
-def _collated(dataset, indices: range, size: int, collate_items) -> list[dict]:
-    """The items at `indices` in batches of `size`, unreadable ones named and dropped (so is an empty batch)."""
+def _collated(dataset, count: int, size: int, collate_items) -> list[dict]:
+    """The first `count` items in batches of `size`, unreadable ones named and dropped (so is an empty batch)."""
     batches = []
-    for start in range(indices.start, indices.stop, size):
-        batch = collate_items([dataset[index] for index in range(start, min(start + size, indices.stop))])
+    for start in range(0, count, size):
+        batch = collate_items([dataset[index] for index in range(start, min(start + size, count))])
         for path in batch.pop("unreadable"):
             report_unreadable(path, "cannot be decoded")
         if batch_size_of(batch):
