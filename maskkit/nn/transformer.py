@@ -331,7 +331,7 @@ class TextConfig:
         require(self.activation in ACTIVATIONS, source, f"{prefix}.activation", self.activation, "gelu or quick_gelu")
         for key in ("embedding_norm", "post_norm", "pooler"):
             require(isinstance(getattr(self, key), bool), source, f"{prefix}.{key}", getattr(self, key), "true or false")
-        require_int(source, f"{prefix}.type_vocab_size", self.type_vocab_size, 0)
+        require_int(source, f"{prefix}.type_vocab_size", self.type_vocab_size, 0, 1024)   # segment ids: BERT has 2
         require_int(source, f"{prefix}.padding_idx", self.padding_idx, -1, self.vocab_size - 1)
         require(not (self.post_norm and self.causal), source, f"{prefix}.post_norm", self.post_norm,
                 f"false with {prefix}.causal=true (post-norm is BERT's encoder, which is bidirectional)")
