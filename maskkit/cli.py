@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("path", help="run directory or checkpoint directory")
     export.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), required=True,
                         help="hf DIR: a Hugging Face save_pretrained folder (mae -> ViTMAEForPreTraining, flip -> "
-                             "CLIPModel, mlm and pmlm with BERT's architecture -> BertForMaskedLM with the tokenizer)")
+                             "CLIPModel, mlm and pmlm with BERT's architecture -> BertForMaskedLM with the tokenizer, "
+                             "tinybert stages -> BertForSequenceClassification with the tokenizer and class names)")
 
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")

@@ -2,7 +2,11 @@
 
 Each method with a Hugging Face twin writes it: MAE -> ViTMAEForPreTraining, FLIP -> CLIPModel, MLM and
 PMLM -> BertForMaskedLM with the run's tokenizer (a BERT-architecture text model: model.text.post_norm=true
-and embedding_norm=true, as the `mlm/bert-tiny` recipe trains). Methods without one say so in one line.
+and embedding_norm=true, as the `mlm/bert-tiny` recipe trains); TinyBERT runs (a stage of `maskkit distill`) ->
+BertForSequenceClassification with the tokenizer and the class names: the student, or in the stage `teacher`
+(RUN/teacher-finetune) the fine-tuned teacher, which is how a BERT-architecture text model fine-tuned on a task
+leaves maskkit (`maskkit distill ... model.teacher=RUN` fine-tunes a maskkit MLM run). Methods without a twin say
+so in one line.
 The directory is written beside its final name and renamed into place, so a failed export leaves nothing.
 """
 
@@ -21,7 +25,8 @@ from maskkit.methods.mlm import MLM, MLMConfig
 from maskkit.train.checkpoint import find_checkpoint
 
 FORMATS = ("hf",)
-TWINS = {"mae": "ViTMAEForPreTraining", "flip": "CLIPModel", "mlm": "BertForMaskedLM", "pmlm": "BertForMaskedLM"}
+TWINS = {"mae": "ViTMAEForPreTraining", "flip": "CLIPModel", "mlm": "BertForMaskedLM", "pmlm": "BertForMaskedLM",
+         "tinybert": "BertForSequenceClassification"}
 
 
 def export_run(path: str | Path, to: str, directory: str | Path) -> str:
@@ -51,8 +56,11 @@ def export_run(path: str | Path, to: str, directory: str | Path) -> str:
                 tokenizer_file = checkpoint.parent.parent / RUN_TOKENIZER
                 if not tokenizer_file.is_file():
                     raise MaskkitError(f"{tokenizer_file} is missing: the run's vocabulary is needed beside the model")
-                tokenizer = Tokenizer.from_file(tokenizer_file, cfg.model.text.context_length)
-                hf_bert.save_hf_bert(_bert_of(method, tokenizer.vocab_size), tmp, "masked-lm", tokenizer)
+                if cfg.method == "tinybert":
+                    hf_bert.save_hf_bert(method.model, tmp, "sequence-classification", tokenizer_file)
+                else:
+                    tokenizer = Tokenizer.from_file(tokenizer_file, cfg.model.text.context_length)
+                    hf_bert.save_hf_bert(_bert_of(method, tokenizer.vocab_size), tmp, "masked-lm", tokenizer)
             if directory.exists():
                 directory.rmdir()
             tmp.rename(directory)

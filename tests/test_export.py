@@ -87,3 +87,22 @@ def test_what_cannot_be_exported_fails_in_one_line_and_writes_nothing(tmp_path, 
           progress=False)
     assert main(["export", str(tmp_path / "moco"), "--to", "hf", str(tmp_path / "c")]) == 2
     assert "moco has no Hugging Face twin to export to" in capsys.readouterr().err
+
+
+def test_a_tinybert_run_exports_as_bert_for_sequence_classification_with_its_class_names(tmp_path):
+    from maskkit.config import config_from_dict
+    from tests.methods.test_tinybert import teacher_file, tinybert_values
+
+    run = tmp_path / "teacher-finetune"
+    train(config_from_dict(tinybert_values(teacher_file(tmp_path), "teacher", train={"steps": 2})), run, progress=False)
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    method, _ = method_from_checkpoint(find_checkpoint(run))
+    classifier = method.model.eval()
+    text = "The painting hangs in a museum in Paris."
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "hf"), top_k=None, device="cpu")
+    found = {row["label"]: row["score"] for row in pipe([text])[0]}
+    ids, mask = Tokenizer.from_file(run / "tokenizer.json", 64).encode([text])
+    with torch.no_grad():
+        probabilities = classifier(ids, mask)[0].softmax(-1)
+    assert sorted(found) == sorted(classifier.labels)
+    assert_close_at_scale(torch.tensor([found[name] for name in classifier.labels]), probabilities, FLOAT32_PARITY)

@@ -67,6 +67,10 @@ class TinyBERTConfig:
     labels: list[str] = field(default_factory=list)   # the task's classes in order ([] = the teacher file's)
     # Teacher layer (1..N) each student layer m = 1..M imitates; [] = uniform, g(m) = m * N / M (Sec 3.1).
     layer_map: list[int] = field(default_factory=list)
+    # How the general stage starts the student's embedding tables: random (the paper, Sec 4.1) or teacher-pca (the
+    # teacher's token, position and token-type tables projected on their top model.student.dim principal directions;
+    # a departure for CPU scale, where a few hundred steps cannot learn a 30k-row table: see init_from_teacher)
+    student_init: str = "random"
     temperature: float = 1.0          # t of Eq. 10 (the code's default; Sec 4.2 "t = 1 performs well")
     embedding_weight: float = 1.0     # the paper weighs every layer's loss 1 (Eq. 11)
     attention_weight: float = 1.0
@@ -104,6 +108,8 @@ class TinyBERTConfig:
                 source, "model.layer_map", self.layer_map, "a list of teacher layers (1 = the first), one per student layer")
         require(not self.layer_map or len(self.layer_map) == self.student.depth, source, "model.layer_map",
                 self.layer_map, f"one teacher layer per student layer ({self.student.depth}, model.student.depth)")
+        require(self.student_init in ("random", "teacher-pca"), source, "model.student_init", self.student_init,
+                "random or teacher-pca")
         require_float(source, "model.temperature", self.temperature, 0.0, low_open=True)
         for key in ("embedding_weight", "attention_weight", "hidden_weight"):
             require_float(source, f"model.{key}", getattr(self, key), 0.0)
@@ -202,6 +208,31 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
 
 
+@torch.no_grad()
+def init_from_teacher(student: TextTransformer, teacher: TextTransformer) -> torch.Tensor:
+    """Start the student's embedding tables at the teacher's projected on the top `student.dim` principal directions
+    of the teacher's token table: one basis P (D_T, D_S) for the token, position and token-type rows, so that the
+    student's embedding sum is the teacher's projected, E^S = E^T P, before the LayerNorm. The paper's student starts
+    at random (its general distillation reads 3 epochs of Wikipedia); at CPU scale the table is most of the student
+    and barely moves. Returns P."""
+    s_cfg, t_cfg = student.cfg, teacher.cfg
+    if s_cfg.dim > t_cfg.dim:
+        raise MaskkitError(f"model.student_init=teacher-pca: the student (dim {s_cfg.dim}) is wider than the teacher "
+                           f"({t_cfg.dim}); it projects the teacher's tables on fewer directions")
+    table = teacher.token_embedding.weight.double()                                  # (V, D_T)
+    centred = table - table.mean(0)
+    _, _, right = torch.linalg.svd(centred, full_matrices=False)                     # rows: principal directions
+    basis = right[: s_cfg.dim].T                                                     # (D_T, D_S)
+    student.token_embedding.weight.copy_((table @ basis).float())
+    length = min(s_cfg.context_length, t_cfg.context_length)
+    student.position_embedding[:, :length].copy_((teacher.position_embedding[:, :length].double() @ basis).float())
+    if student.token_type_embedding is not None and teacher.token_type_embedding is not None:
+        types = min(s_cfg.type_vocab_size, t_cfg.type_vocab_size)
+        student.token_type_embedding.weight[:types].copy_(
+            (teacher.token_type_embedding.weight[:types].double() @ basis).float())
+    return basis.float()
+
+
 class TinyBERT(Method):
     name = "tinybert"
 
@@ -245,6 +276,8 @@ class TinyBERT(Method):
         self.teacher = teacher
         self.freeze(self.teacher)
         self.model = SequenceClassifier(TextTransformer(student_cfg), len(labels), labels)
+        if cfg.stage == "general" and cfg.student_init == "teacher-pca":
+            init_from_teacher(self.model.backbone, self.teacher_backbone)
         self.embedding_projection = nn.Linear(student_cfg.dim, teacher_cfg.dim)     # W_e of Eq. 9
         self.hidden_projection = nn.Linear(student_cfg.dim, teacher_cfg.dim)        # W_h, shared by the layers
         self.label_order: torch.Tensor | None = None

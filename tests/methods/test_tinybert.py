@@ -21,6 +21,7 @@ from maskkit.methods.tinybert import (
     eligible_words,
     embedding_neighbours,
     hidden_loss,
+    init_from_teacher,
     masked_lm_candidates,
     save_teacher,
     soft_cross_entropy,
@@ -137,6 +138,30 @@ def test_prediction_stage_distils_the_teacher_logits(tmp_path):
     with torch.no_grad():
         expected = soft_cross_entropy(method.model(ids, mask), method.teacher(ids, mask), 2.0)
     assert_close_at_scale(out.loss.detach(), expected, SUMMATION_ORDER)
+
+
+def test_teacher_pca_init_projects_every_table_on_the_top_principal_directions():
+    """A teacher whose token table spans 16 directions: the student's 16-wide tables are the teacher's in an
+    orthonormal basis of exactly that span, so projecting back loses nothing (a wrong basis or a transposed
+    one would); position and token-type rows use the same basis."""
+    torch.manual_seed(0)
+    teacher = TextTransformer(TextConfig(vocab_size=500, context_length=64, dim=32, depth=1, num_heads=4, **BERT))
+    student = TextTransformer(TextConfig(vocab_size=500, context_length=32, dim=16, depth=1, num_heads=4, **BERT))
+    span = torch.randn(16, 32)
+    with torch.no_grad():
+        teacher.token_embedding.weight.copy_(torch.randn(500, 16) @ span + 0.3)
+    basis = init_from_teacher(student, teacher)
+    assert_close_at_scale(basis.T @ basis, torch.eye(16), SUMMATION_ORDER)
+    table = teacher.token_embedding.weight
+    offset = torch.full((32,), 0.3)             # off the span: the directions are those of the centred table
+    assert_close_at_scale(student.token_embedding.weight @ basis.T, table - offset + offset @ basis @ basis.T,
+                          SUMMATION_ORDER)
+    assert_close_at_scale(student.position_embedding, teacher.position_embedding[:, :32] @ basis, SUMMATION_ORDER)
+    assert_close_at_scale(student.token_type_embedding.weight, teacher.token_type_embedding.weight @ basis,
+                          SUMMATION_ORDER)
+    with pytest.raises(MaskkitError, match=r"student \(dim 16\) is wider than the teacher \(8\)"):
+        init_from_teacher(student, TextTransformer(TextConfig(vocab_size=500, context_length=64, dim=8, depth=1,
+                                                              num_heads=4, **BERT)))
 
 
 def test_bad_teachers_and_mismatches_fail_in_one_line_before_training(tmp_path):
