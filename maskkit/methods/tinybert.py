@@ -51,7 +51,7 @@ STAGES = ("teacher", "general", "intermediate", "prediction")
 
 def default_student() -> TextConfig:
     """TinyBERT's shape (Sec 4.1: M=4, d'=312, d'_i=1200, h=12) scaled to this CPU: 3 layers of width 192, 12 heads
-    like the teacher (the attention loss compares head by head)."""
+    like the teacher (the attention loss compares head by head; a divisor of 12 compares groups of heads)."""
     return TextConfig(vocab_size=30522, context_length=512, dim=192, depth=3, num_heads=12, mlp_ratio=4.0,
                       norm_eps=1e-12, pool="cls", embedding_norm=True, post_norm=True, type_vocab_size=2,
                       padding_idx=0, pooler=True)
@@ -191,7 +191,15 @@ def uniform_layer_map(student_depth: int, teacher_depth: int) -> list[int]:
 
 def attention_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Eq. 7-8 on one layer: MSE of the pre-softmax scores (B, H, L, L), the entries whose key is padding zeroed
-    in both (the official code's where(att <= -1e2, 0, att) on its -10000-masked scores), mean over every entry."""
+    in both (the official code's where(att <= -1e2, 0, att) on its -10000-masked scores), mean over every entry.
+
+    A student with fewer heads (H_S dividing H_T) imitates the teacher's heads averaged in consecutive groups of
+    H_T / H_S (student head i: teacher heads i*g .. i*g+g-1); the paper and its code compare head by head."""
+    heads, teacher_heads = student.shape[1], teacher.shape[1]
+    if teacher_heads != heads:
+        if teacher_heads % heads:
+            raise MaskkitError(f"the student's {heads} attention heads do not divide the teacher's {teacher_heads}")
+        teacher = teacher.unflatten(1, (heads, teacher_heads // heads)).mean(2)       # (B, H_S, L, L)
     keep = attention_mask[:, None, None, :].to(student.dtype)                 # (B, 1, 1, L), 1 = real key
     return F.mse_loss(student * keep, teacher * keep)
 
@@ -268,10 +276,10 @@ class TinyBERT(Method):
         if max(self.layer_map) > teacher_cfg.depth:
             raise MaskkitError(f"model.layer_map={self.layer_map} names a layer the teacher does not have (it has "
                                f"{teacher_cfg.depth})")
-        if cfg.attention_weight and student_cfg.num_heads != teacher_cfg.num_heads:
-            raise MaskkitError(f"model.student.num_heads={student_cfg.num_heads} differs from the teacher's "
-                               f"{teacher_cfg.num_heads}: the attention loss compares head by head (Eq. 7, as the "
-                               "official code); give the student the teacher's head count or set model.attention_weight=0")
+        if cfg.attention_weight and teacher_cfg.num_heads % student_cfg.num_heads:
+            raise MaskkitError(f"model.student.num_heads={student_cfg.num_heads} does not divide the teacher's "
+                               f"{teacher_cfg.num_heads}: each student head imitates a group of the teacher's (averaged; "
+                               "the paper compares head by head); give a divisor or set model.attention_weight=0")
         self.labels = labels
         self.teacher = teacher
         self.freeze(self.teacher)

@@ -77,6 +77,18 @@ def test_attention_loss_zeroes_the_padding_keys_of_both_and_averages_every_entry
     assert abs(float(attention_loss(moved, teacher, mask)) - expected) > 1e-3
 
 
+def test_a_student_with_fewer_heads_imitates_the_teachers_heads_averaged_in_consecutive_groups():
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 2, 4, 4, generator=generator), torch.randn(2, 6, 4, 4, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    keep = mask[:, None, None, :].float()
+    grouped = torch.stack([teacher[:, 0:3].mean(1), teacher[:, 3:6].mean(1)], dim=1)
+    expected = ((student - grouped) * keep).pow(2).mean()
+    assert_close_at_scale(attention_loss(student, teacher, mask), expected, SUMMATION_ORDER)
+    with pytest.raises(MaskkitError, match=r"student's 4 attention heads do not divide the teacher's 6"):
+        attention_loss(torch.randn(2, 4, 4, 4), teacher, mask)
+
+
 def test_hidden_loss_is_over_real_tokens_and_soft_cross_entropy_is_eq_10():
     student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -169,9 +181,11 @@ def test_bad_teachers_and_mismatches_fail_in_one_line_before_training(tmp_path):
     with pytest.raises(MaskkitError, match=r"task distillation needs a teacher fine-tuned on the task"):
         build_method(config_from_dict(tinybert_values(encoder, "intermediate")))
     build_method(config_from_dict(tinybert_values(encoder, "general")))          # general distillation: fine
-    with pytest.raises(MaskkitError, match=r"num_heads=2 differs from the teacher's 4"):
+    with pytest.raises(MaskkitError, match=r"num_heads=3 does not divide the teacher's 4"):
         build_method(config_from_dict(tinybert_values(teacher_file(tmp_path), model={
-            "student": {"vocab_size": 4096, "context_length": 64, "dim": 16, "depth": 2, "num_heads": 2, **BERT}})))
+            "student": {"vocab_size": 4096, "context_length": 64, "dim": 18, "depth": 2, "num_heads": 3, **BERT}})))
+    build_method(config_from_dict(tinybert_values(teacher_file(tmp_path), model={      # 2 heads: groups of 2
+        "student": {"vocab_size": 4096, "context_length": 64, "dim": 16, "depth": 2, "num_heads": 2, **BERT}})))
     with pytest.raises(MaskkitError, match=r"layer_map=\[2, 5\] names a layer the teacher does not have \(it has 4\)"):
         build_method(config_from_dict(tinybert_values(teacher_file(tmp_path), model={"layer_map": [2, 5]})))
     with pytest.raises(MaskkitError, match=r"model\.layer_map must be one teacher layer per student layer \(2"):
