@@ -76,14 +76,14 @@ class TinyBERTConfig:
     attention_weight: float = 1.0
     hidden_weight: float = 1.0
     # maskkit distill: the steps and base lr of each stage (the loop's train.steps / optim.base_lr in its run)
-    teacher_steps: int = 300
-    teacher_lr: float = 2.0e-4
-    general_steps: int = 300
-    general_lr: float = 2.0e-3
-    intermediate_steps: int = 300
-    intermediate_lr: float = 2.0e-3
-    prediction_steps: int = 200
-    prediction_lr: float = 1.0e-3
+    teacher_steps: int = 120
+    teacher_lr: float = 8.0e-4
+    general_steps: int = 100
+    general_lr: float = 8.0e-3
+    intermediate_steps: int = 150
+    intermediate_lr: float = 8.0e-3
+    prediction_steps: int = 150
+    prediction_lr: float = 4.0e-3
     # Data augmentation (Sec 3.3; Alg. 1): copies per document N_a, replacement probability p_t, candidates K
     augment_copies: int = 4
     augment_probability: float = 0.4
