@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
                              "CLIPModel, mlm and pmlm with BERT's architecture -> BertForMaskedLM with the tokenizer, "
                              "tinybert stages -> BertForSequenceClassification with the tokenizer and class names)")
 
+    analyze = sub.add_parser("analyze", help="contextualization analysis of a text model's layers: maskkit analyze "
+                                             "minilm --text \"...\" --out DIR")
+    analyze.add_argument("model", help="minilm (the bundled all-MiniLM-L6-v2), a Hugging Face BERT directory or a "
+                                       "maskkit text run")
+    analyze.add_argument("--text", action="append", help="a text to analyze (repeat for more)")
+    analyze.add_argument("--text-file", help="a UTF-8 file of texts, one per line")
+    analyze.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    analyze.add_argument("--save-vectors", action="store_true",
+                         help="also write every contribution vector (contributions.safetensors, tokens.json)")
+    analyze.add_argument("--float64", action="store_true", help="compute in float64 (exact sums; slower)")
+    analyze.add_argument("--chunk", type=int, default=16,
+                         help="target tokens at a time in the feed-forward stage (memory ~ chunk x tokens x d_ff)")
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
     copy.add_argument("recipe")
@@ -207,6 +221,21 @@ def run(args) -> int:
         print(f"distilled {summary['teacher']} into {out / 'hf'} in {summary['seconds']:.0f} s: test accuracy on "
               f"{summary['num_test']} documents, teacher {teacher:.3f}, student {student:.3f} "
               f"({100 * student / max(teacher, 1e-9):.1f}% of the teacher); {out / 'distill.json'}")
+        return 0
+    if args.command == "analyze":
+        import torch
+
+        from maskkit.analyze import analyze, read_texts
+
+        if args.chunk < 1:
+            raise MaskkitError(f"--chunk {args.chunk}: give at least 1 target token per feed-forward chunk")
+        summary = analyze(args.model, read_texts(args.text, args.text_file), args.out, args.save_vectors, args.chunk,
+                          torch.float64 if args.float64 else torch.float32, progress=not args.no_progress)
+        stage = "norm" if summary["post_norm"] else "residual"
+        ratios = " ".join(f"{row[stage]:.3f}" for row in summary["mixing_ratio"])
+        print(f"analyzed {summary['num_texts']} text(s) through {summary['model']} "
+              f"({summary['seconds_per_text']:.2f} s per text): mixing ratio after attention + residual"
+              f"{' + norm' if summary['post_norm'] else ''} by layer {ratios}; {args.out}/summary.json")
         return 0
     if args.command == "export":
         from maskkit.export import export_run
