@@ -19,8 +19,8 @@ LAYERS = [
     ("maskkit.methods",),
     ("maskkit.interop", "maskkit.config"),
     ("maskkit.train",),
-    ("maskkit.eval",),
-    ("maskkit.demo", "maskkit.export", "maskkit.distill"),
+    ("maskkit.eval", "maskkit.analysis"),
+    ("maskkit.demo", "maskkit.export", "maskkit.distill", "maskkit.analyze"),
     ("maskkit.cli",),
     ("maskkit.__main__",),
 ]
