@@ -7,13 +7,49 @@ layer undo most of its change); seconds per text.
 
     python benchmarks/contextualization.py                       # 200 summaries through MiniLM, ~3 minutes
     python benchmarks/contextualization.py --texts 20 --model runs/mlm-bert   # any model maskkit analyze reads
+    python benchmarks/contextualization.py --vit runs/mae-tiny --texts 100    # a ViT run: 100 of its images
 """
 
 import argparse
+import math
 import tempfile
+import time
 
+from maskkit.analysis.contextualization import (
+    contextualization_change,
+    decompose_layers,
+    image_inputs,
+    mixing_ratio,
+    token_map,
+)
 from maskkit.analyze import analyze
 from maskkit.data.text import read_wiki
+
+
+def vit_contrast(run: str, count: int) -> None:
+    """The same measures on a maskkit ViT run's encoder (pre-norm blocks), on `count` images of its own data."""
+    from maskkit.data import build_data
+    from maskkit.eval.run import method_from_checkpoint
+    from maskkit.train.checkpoint import find_checkpoint
+
+    method, cfg = method_from_checkpoint(find_checkpoint(run))
+    vit = method.backbone.eval()
+    data = build_data(cfg.data)
+    rows, started = [], time.perf_counter()
+    for index in range(count):
+        layers = decompose_layers(vit.blocks, image_inputs(vit, data.dataset[index]["images"]))
+        rows.append([(mixing_ratio(layer.stages["residual"]),
+                      contextualization_change(token_map(layer.stages["norm"]), token_map(layer.stages["ffn"])),
+                      contextualization_change(token_map(layer.stages["residual"]),
+                                               token_map(layer.stages["ffn_residual"]))) for layer in layers])
+    seconds = (time.perf_counter() - started) / count
+    print(f"{cfg.method} ViT {run}: {count} images of {cfg.data.name}, {vit.num_patches + 1} tokens, "
+          f"{seconds:.2f} s per image")
+    print(f"{'layer':>5} {'mixing ratio':>12} {'FF change':>10} {'FF block change':>16}")
+    for layer in range(len(vit.blocks)):
+        means = [sum(r[layer][k] for r in rows) / count for k in range(3)]
+        print(f"{layer + 1:>5} " + " ".join(f"{m:{w}.3f}" if not math.isnan(m) else f"{'-':>{w}}"
+                                            for m, w in zip(means, (12, 10, 16), strict=True)))
 
 
 def main() -> None:
@@ -21,7 +57,11 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--texts", type=int, default=200)
     parser.add_argument("--max-words", type=int, default=60, help="each summary cut to its first words")
+    parser.add_argument("--vit", help="a maskkit image run instead: its encoder on --texts of its images")
     args = parser.parse_args()
+    if args.vit:
+        vit_contrast(args.vit, args.texts)
+        return
     texts = [" ".join(d.text.split()[: args.max_words]) for d in read_wiki().documents[: args.texts]]
     with tempfile.TemporaryDirectory() as tmp:
         summary = analyze(args.model, texts, f"{tmp}/out", progress=True, heatmaps=0)
