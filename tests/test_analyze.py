@@ -19,7 +19,7 @@ FIVE = ["A cat sat on the mat.", "Paris is the capital and most populous city of
         "Albert Einstein developed the theory of relativity in Switzerland.", "The river flows north into the sea."]
 # float64 on 2026-12-02 (maskkit analyze minilm --float64 on FIVE): per layer, the mixing ratio after attention +
 # residual + norm, and the contextualization change of the feed-forward layer and of the whole feed-forward block.
-GOLDEN_MIXING = [0.413844, 0.359123, 0.34005, 0.325576, 0.269924, 0.466947]
+GOLDEN_MIXING = [0.268696, 0.217837, 0.208619, 0.202696, 0.163046, 0.314346]
 GOLDEN_FFN_CHANGE = [0.059181, 0.030794, 0.030813, 0.027992, 0.110522, 0.187496]
 GOLDEN_BLOCK_CHANGE = [0.036972, 0.02276, 0.032086, 0.013441, 0.038019, 0.01757]
 
