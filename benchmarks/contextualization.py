@@ -22,7 +22,7 @@ from maskkit.analysis.contextualization import (
     mixing_ratio,
     token_map,
 )
-from maskkit.analyze import analyze
+from maskkit.analyze import PRE_NORM_CHANGES, analyze
 from maskkit.data.text import read_wiki
 
 
@@ -39,9 +39,9 @@ def vit_contrast(run: str, count: int) -> None:
     for index in range(count):
         layers = decompose_layers(vit.blocks, image_inputs(vit, data.dataset[index]["images"]))
         rows.append([(mixing_ratio(layer.stages["residual"]),
-                      contextualization_change(token_map(layer.stages["norm"]), token_map(layer.stages["ffn"])),
-                      contextualization_change(token_map(layer.stages["residual"]),
-                                               token_map(layer.stages["ffn_residual"]))) for layer in layers])
+                      *(contextualization_change(token_map(layer.stages[a]), token_map(layer.stages[b]))
+                        for a, b in (PRE_NORM_CHANGES["ffn"], PRE_NORM_CHANGES["feed-forward block"])))
+                     for layer in layers])
     seconds = (time.perf_counter() - started) / count
     print(f"{cfg.method} ViT {run}: {count} images of {cfg.data.name}, {vit.num_patches + 1} tokens, "
           f"{seconds:.2f} s per image")

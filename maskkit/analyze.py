@@ -18,6 +18,7 @@ method (mlm, pmlm, tinybert, flip's text tower). DIR receives
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -44,7 +45,6 @@ POST_NORM_CHANGES = {"residual": ("attention", "residual"), "norm": ("residual",
                      "feed-forward block": ("norm", "ffn_norm")}
 PRE_NORM_CHANGES = {"residual": ("attention", "residual"), "ffn": ("norm", "ffn"),
                     "ffn_residual": ("ffn", "ffn_residual"), "feed-forward block": ("residual", "ffn_residual")}
-SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>")
 HEATMAP_TEXTS = 5            # heatmaps are drawn for the first texts only
 
 
@@ -66,8 +66,7 @@ def load_text_model(source: str) -> tuple[TextTransformer, Path, str]:
         checkpoint = find_checkpoint(path)
         method, cfg = method_from_checkpoint(checkpoint)
         run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else path
-        model = getattr(method, "model", None) if cfg.method == "tinybert" else (
-            method.text if cfg.method == "flip" else getattr(method, "backbone", None))
+        model = method.text if cfg.method == "flip" else getattr(method, "backbone", None)
         return _encoder(model, source), run / "tokenizer.json", f"maskkit {cfg.method} run {run}"
     raise MaskkitError(f"{source}: not a model (minilm, a Hugging Face directory with config.json, or a maskkit run "
                        "with checkpoints/)")
@@ -129,6 +128,7 @@ def analyze(source: str, texts: list[str], out_dir: str | Path, save_vectors: bo
     encoded = tokenize(tokenizer, texts, model.cfg.context_length)
     changes = POST_NORM_CHANGES if model.cfg.post_norm else PRE_NORM_CHANGES
     stages = stages_of(model.blocks[0])
+    special = {tokenizer.special_ids().cls, tokenizer.special_ids().sep}      # left out of the amplified pairs
     maps, vectors, per_text, pairs = {}, {}, [], []
     started = time.perf_counter()
     from tqdm import tqdm
@@ -146,7 +146,7 @@ def analyze(source: str, texts: list[str], out_dir: str | Path, save_vectors: bo
                 maps[f"t{number}.layer{index}.{stage}"] = layer_maps[stage].float().contiguous()
                 if save_vectors:
                     vectors[f"t{number}.layer{index}.{stage}"] = layer.stages[stage].float().contiguous()
-            keep = [i for i, t in enumerate(tokens) if t not in SPECIAL_TOKENS]
+            keep = [i for i, token in enumerate(ids.tolist()) if token not in special]
             if len(keep) > 1:
                 chosen = torch.tensor(keep)
                 before, after = layer_maps["norm"], layer_maps["ffn"]
@@ -163,8 +163,6 @@ def analyze(source: str, texts: list[str], out_dir: str | Path, save_vectors: bo
                "seconds_per_text": round(seconds, 4), "dtype": str(dtype).removeprefix("torch."), "texts": per_text}
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-analyze")
     with writing(out_dir):
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "heatmaps").mkdir(parents=True)
         save_file(maps, tmp / "maps.safetensors")

@@ -75,26 +75,20 @@ def distribute_layer_norm(parts: torch.Tensor, norm: nn.LayerNorm) -> torch.Tens
     return out
 
 
-def attention_probabilities(attention: Attention, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) per head, (H, L, L), recomputed from the layer's Q and K; `allowed` (L, L) boolean,
-    True = the query may attend the key (padding and causal masks)."""
-    q, k, _ = attention.heads(x[None])                                          # (1, H, L, D/H) each
-    scores = (q @ k.transpose(-2, -1))[0] * q.shape[-1] ** -0.5                 # (H, L, L)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, -math.inf)
-    return scores.softmax(-1)
-
-
 def decompose_attention(attention: Attention, x: torch.Tensor,
                         allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """2021 Eq. 4-5: y_{i<-j} = sum_h alpha^h_ij (x_j W_V^h + b_V^h) W_O^h, b_O on the bias source.
-    x (L, D) -> (parts (L, L + 1, D), alpha (H, L, L))."""
+    """2021 Eq. 4-5: y_{i<-j} = sum_h alpha^h_ij (x_j W_V^h + b_V^h) W_O^h, b_O on the bias source, with alpha =
+    softmax(q k^T / sqrt(d)) recomputed from the layer's Q and K; `allowed` (L, L) boolean, True = the query may
+    attend the key (padding and causal masks). x (L, D) -> (parts (L, L + 1, D), alpha (H, L, L))."""
     length, dim = x.shape
     heads = attention.num_heads
-    alpha = attention_probabilities(attention, x, allowed)     # (H, L, L)
-    _, _, values = attention.heads(x[None])                                     # (1, H, L, D/H), b_V included
+    q, k, values = (t[0] for t in attention.heads(x[None]))                    # (H, L, D/H) each, b_V in values
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                      # (H, L, L)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    alpha = scores.softmax(-1)
     w_out = attention.proj.weight.reshape(dim, heads, dim // heads)             # (D, H, D/H): W_O per head
-    transformed = torch.einsum("hjc,dhc->hjd", values[0], w_out)                # (H, L, D): f^h(x_j)
+    transformed = torch.einsum("hjc,dhc->hjd", values, w_out)                   # (H, L, D): f^h(x_j)
     parts = x.new_zeros(length, length + 1, dim)
     parts[:, :length] = torch.einsum("hij,hjd->ijd", alpha, transformed)
     if attention.proj.bias is not None:
