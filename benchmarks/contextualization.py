@@ -15,6 +15,8 @@ import math
 import tempfile
 import time
 
+import torch
+
 from maskkit.analysis.contextualization import (
     contextualization_change,
     decompose_layers,
@@ -35,9 +37,11 @@ def vit_contrast(run: str, count: int) -> None:
     method, cfg = method_from_checkpoint(find_checkpoint(run))
     vit = method.backbone.eval()
     data = build_data(cfg.data)
+    mean, std = torch.tensor(cfg.data.mean).view(-1, 1, 1), torch.tensor(cfg.data.std).view(-1, 1, 1)
     rows, started = [], time.perf_counter()
     for index in range(count):
-        layers = decompose_layers(vit.blocks, image_inputs(vit, data.dataset[index]["images"]))
+        image = (data.dataset[index]["images"] - mean) / std                   # as the run was trained
+        layers = decompose_layers(vit.blocks, image_inputs(vit, image))
         rows.append([(mixing_ratio(layer.stages["residual"]),
                       *(contextualization_change(token_map(layer.stages[a]), token_map(layer.stages[b]))
                         for a, b in (PRE_NORM_CHANGES["ffn"], PRE_NORM_CHANGES["feed-forward block"])))

@@ -1,8 +1,13 @@
-"""`maskkit analyze MODEL (--text "..." | --text-file F) --out DIR`: whole-layer contextualization analysis
-(Kobayashi et al. 2021, 2024; the method is maskkit/analysis/contextualization.py) of a text model.
+"""`maskkit analyze MODEL (--text "..." | --text-file F | --image FILE_OR_FOLDER) --out DIR`: whole-layer
+contextualization analysis (Kobayashi et al. 2021, 2024; the method is maskkit/analysis/contextualization.py) of a
+Transformer's layers.
 
-MODEL is `minilm` (the bundled all-MiniLM-L6-v2), a Hugging Face BERT directory, or a maskkit run of a text
-method (mlm, pmlm, tinybert, flip's text tower). DIR receives
+MODEL is `minilm` (the bundled all-MiniLM-L6-v2), a Hugging Face directory (any BERT; CLIP, whose text tower reads
+texts and image tower images; ViT-MAE), or a maskkit run (text: mlm, pmlm, tinybert; image: mae, moco, densecl,
+energy; flip: both towers). A text is [CLS] text [SEP] (CLIP: its start and end tokens), never cut; an image is
+resized (shorter side, centre crop) to the model's size and normalised as the model was trained (a run's data.mean
+and data.std, a Hugging Face directory's preprocessor_config.json); its tokens are [CLS] and the patches p{row},{col}.
+DIR receives
 
   summary.json                 per layer and stage: mixing ratio, contextualization change (mean over the texts
                                and per text), the token pairs the feed-forward block amplifies most, seconds per text
@@ -20,6 +25,8 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,15 +36,18 @@ from maskkit.analysis.contextualization import (
     amplified_pairs,
     contextualization_change,
     decompose_layers,
+    image_inputs,
     mixing_ratio,
     stages_of,
     text_inputs,
     token_map,
 )
+from maskkit.data.common import Unreadable
+from maskkit.data.images import IMAGE_EXTENSIONS, ImageFolder
 from maskkit.data.tokenizer import Tokenizer, minilm_tokenizer_file
 from maskkit.errors import MaskkitError
 from maskkit.files import atomic_write_text, pyplot, writing
-from maskkit.nn.transformer import Block, TextTransformer
+from maskkit.nn.transformer import Block, TextTransformer, ViT
 
 # The component each contextualization change measures: (the map before it, the map after it), per block type.
 POST_NORM_CHANGES = {"residual": ("attention", "residual"), "norm": ("residual", "norm"), "ffn": ("norm", "ffn"),
@@ -48,37 +58,157 @@ PRE_NORM_CHANGES = {"residual": ("attention", "residual"), "ffn": ("norm", "ffn"
 HEATMAP_TEXTS = 5            # heatmaps are drawn for the first texts only
 
 
-def load_text_model(source: str) -> tuple[TextTransformer, Path, str]:
-    """(the encoder, its tokenizer.json, what it is) from minilm, a Hugging Face BERT directory or a maskkit run."""
+@dataclass
+class Subject:
+    """What analyze reads from MODEL: a text encoder with its tokenizer, an image encoder with its preprocessing,
+    or both (CLIP, FLIP: the tower that reads the given input is analyzed)."""
+
+    description: str
+    text: TextTransformer | None = None
+    # texts, context length -> ([(ids, tokens)] per text, the special ids left out of the amplified pairs)
+    tokenize: Callable[[list[str], int], tuple[list[tuple[torch.Tensor, list[str]]], set[int]]] | None = None
+    image: ViT | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+# Image normalisation of a Hugging Face directory without preprocessor_config.json (each family's default).
+HF_IMAGE_DEFAULTS = {"clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+                     "vit_mae": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+def load_subject(source: str) -> Subject:
+    """minilm, a Hugging Face directory (BERT family, CLIP, ViT-MAE) or a maskkit run, as a Subject."""
     if source == "minilm":
         from maskkit.interop.hf_bert import load_hf_bert, minilm_dir
 
-        return _encoder(load_hf_bert(minilm_dir()), source), minilm_tokenizer_file(), "all-MiniLM-L6-v2 (bundled)"
+        tokenizer = Tokenizer.from_file(minilm_tokenizer_file(), 512)
+        return Subject("all-MiniLM-L6-v2 (bundled)", text=_checked(load_hf_bert(minilm_dir()), source),
+                       tokenize=_maskkit_tokenize(tokenizer))
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
-        from maskkit.interop.hf_bert import load_hf_bert
-
-        return _encoder(load_hf_bert(path), source), path / "tokenizer.json", f"Hugging Face model {path}"
+        return _hf_subject(path)
     if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
-        from maskkit.eval.run import method_from_checkpoint
-        from maskkit.train.checkpoint import find_checkpoint
-
-        checkpoint = find_checkpoint(path)
-        method, cfg = method_from_checkpoint(checkpoint)
-        run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else path
-        model = method.text if cfg.method == "flip" else getattr(method, "backbone", None)
-        return _encoder(model, source), run / "tokenizer.json", f"maskkit {cfg.method} run {run}"
+        return _run_subject(path)
     raise MaskkitError(f"{source}: not a model (minilm, a Hugging Face directory with config.json, or a maskkit run "
                        "with checkpoints/)")
 
 
-def _encoder(model, source: str) -> TextTransformer:
-    model = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model   # MLM, classifier
-    if not isinstance(model, TextTransformer) or not all(type(b) is Block for b in model.blocks):
-        raise MaskkitError(f"{source}: a {type(model).__name__} has no decomposition; maskkit analyze reads text "
-                           "Transformers built of standard attention + feed-forward blocks (BERT, mlm, pmlm, tinybert, "
-                           "flip's text tower)")
+def _hf_subject(path: Path) -> Subject:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MaskkitError(f"{path / 'config.json'}: not valid JSON ({error})") from None
+    family = config.get("model_type", "")
+    description = f"Hugging Face {family or 'model'} {path}"
+    if family in HF_IMAGE_DEFAULTS:
+        mean, std = _hf_normalisation(path, family)
+        if family == "clip":
+            from maskkit.interop.hf_clip import load_hf_clip
+
+            clip = load_hf_clip(path)
+            return Subject(description, text=_checked(clip.text, str(path)), tokenize=_hf_tokenize(path),
+                           image=_checked(clip.encoder, str(path)), mean=mean, std=std)
+        from maskkit.interop.hf import load_hf_vitmae
+
+        return Subject(description, image=_checked(load_hf_vitmae(path).encoder, str(path)), mean=mean, std=std)
+    from maskkit.interop.hf_bert import load_hf_bert
+
+    return Subject(description, text=_checked(load_hf_bert(path), str(path)), tokenize=_hf_tokenize(path))
+
+
+def _run_subject(path: Path) -> Subject:
+    from maskkit.eval.run import method_from_checkpoint
+    from maskkit.train.checkpoint import find_checkpoint
+
+    checkpoint = find_checkpoint(path)
+    method, cfg = method_from_checkpoint(checkpoint)
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else path
+    description = f"maskkit {cfg.method} run {run}"
+    text = method.text if cfg.method == "flip" else getattr(method, "backbone", None)
+    image = None
+    if isinstance(text, ViT):
+        text, image = None, text
+    elif cfg.method == "flip":
+        image = method.encoder
+    subject = Subject(description)
+    if image is not None:
+        subject.image, subject.mean, subject.std = _checked(image, str(path)), list(cfg.data.mean), list(cfg.data.std)
+    if text is not None:
+        subject.text = _checked(text, str(path))
+        tokenizer_file = run / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise MaskkitError(f"{path}: its tokenizer.json ({tokenizer_file}) is missing")
+        tokenizer = Tokenizer.from_file(tokenizer_file, subject.text.cfg.context_length)
+        subject.tokenize = _maskkit_tokenize(tokenizer)
+    return subject
+
+
+def _checked(model, source: str) -> TextTransformer | ViT:
+    """The Transformer inside `model` (an MLM's or classifier's encoder), if its blocks have a decomposition."""
+    if not isinstance(model, (TextTransformer, ViT)):
+        model = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
+    if not isinstance(model, (TextTransformer, ViT)) or not all(type(b) is Block for b in model.blocks):
+        raise MaskkitError(f"{source}: a {type(model).__name__} has no decomposition; maskkit analyze reads "
+                           "Transformers built of standard attention + feed-forward blocks (BERT, CLIP, ViT-MAE, and "
+                           "maskkit's mae, moco, densecl, energy, flip, mlm, pmlm and tinybert runs)")
     return model.eval()
+
+
+def _hf_normalisation(path: Path, family: str) -> tuple[list[float], list[float]]:
+    mean, std = HF_IMAGE_DEFAULTS[family]
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        try:
+            config = json.loads(preprocessor.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise MaskkitError(f"{preprocessor}: not valid JSON ({error})") from None
+        mean, std = config.get("image_mean", mean), config.get("image_std", std)
+    return list(mean), list(std)
+
+
+def _maskkit_tokenize(tokenizer: Tokenizer):
+    special = tokenizer.special_ids()
+
+    def tokenize(texts: list[str], context_length: int):
+        pieces = tokenizer.encode_plain(texts)
+        return (_within([[special.cls, *p, special.sep] for p in pieces], tokenizer.backend.id_to_token, context_length),
+                {special.cls, special.sep})
+    return tokenize
+
+
+def _hf_tokenize(path: Path):
+    """The directory's own tokenizer through transformers (BERT's [CLS] ... [SEP], CLIP's start and end tokens),
+    loaded when texts come (a CLIP directory read for its images needs none)."""
+
+    def tokenize(texts: list[str], context_length: int):
+        from maskkit.interop.hf import _import_transformers, quiet_transformers
+
+        transformers = _import_transformers()
+        if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
+            raise MaskkitError(f"{path}: no tokenizer files (tokenizer.json, vocab.txt or vocab.json) beside the model; "
+                               "save the tokenizer into the directory too")
+        try:
+            with quiet_transformers():
+                tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise MaskkitError(f"{path}: its tokenizer cannot be loaded ({first})") from None
+        with quiet_transformers():
+            ids = [tokenizer(text)["input_ids"] for text in texts]
+        return _within(ids, tokenizer.convert_ids_to_tokens, context_length), set(tokenizer.all_special_ids)
+    return tokenize
+
+
+def _within(sequences: list[list[int]], token_of, context_length: int):
+    """(ids, tokens) of each text; a text longer than the model's positions is refused, not cut."""
+    out = []
+    for number, ids in enumerate(sequences):
+        if len(ids) > context_length:
+            raise MaskkitError(f"text {number + 1} is {len(ids)} tokens long, more than the model's {context_length} "
+                               "positions; shorten it (analyze does not cut texts)")
+        out.append((torch.tensor(ids), [token_of(i) for i in ids]))
+    return out
 
 
 def read_texts(texts: list[str] | None, text_file: str | None) -> list[str]:
@@ -95,48 +225,91 @@ def read_texts(texts: list[str] | None, text_file: str | None) -> list[str]:
         out += [line.strip() for line in content.splitlines() if line.strip()]
         if not out:
             raise MaskkitError(f"--text-file {path} holds no text (one text per line)")
-    if not out:
-        raise MaskkitError("give a text: --text \"...\" or --text-file FILE (one text per line)")
     return out
 
 
-def tokenize(tokenizer: Tokenizer, texts: list[str], context_length: int) -> list[tuple[torch.Tensor, list[str]]]:
-    """[CLS] text [SEP] ids and tokens of each text; a text longer than the model's positions is refused."""
-    special = tokenizer.special_ids()
-    out = []
-    for number, pieces in enumerate(tokenizer.encode_plain(texts)):
-        ids = [special.cls, *pieces, special.sep]
-        if len(ids) > context_length:
-            raise MaskkitError(f"text {number + 1} is {len(ids)} tokens long, more than the model's {context_length} "
-                               "positions; shorten it (analyze does not cut texts)")
-        out.append((torch.tensor(ids), [tokenizer.backend.id_to_token(i) for i in ids]))
-    return out
+def image_files(paths: list[str] | None) -> list[Path]:
+    """--image values: image files, or folders whose image files (sorted) are all taken."""
+    files = []
+    for value in paths or []:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise MaskkitError(f"--image {path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MaskkitError(f"--image {path}: no such file or folder")
+    return files
 
 
-def analyze(source: str, texts: list[str], out_dir: str | Path, save_vectors: bool = False, chunk: int = 16,
-            dtype: torch.dtype = torch.float32, progress: bool = True, heatmaps: int = HEATMAP_TEXTS) -> dict:
-    """Decompose every layer of `source` on each text and write DIR (see the module docstring), with heatmaps of the
-    first `heatmaps` texts; returns the summary."""
+def read_images(files: list[Path], model: ViT, mean: list[float], std: list[float]) -> list[torch.Tensor]:
+    """Each file as the model's normalised (C, S, S) input: shorter side to S, centre crop; an unreadable file is
+    refused naming it."""
+    channels, size = model.cfg.in_channels, model.cfg.image_size
+    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    if len(mean) != channels or len(std) != channels:
+        raise MaskkitError(f"the model reads {channels}-channel images but its normalisation has {len(mean)} means "
+                           f"and {len(std)} standard deviations")
+    images = []
+    for path in files:
+        image = ImageFolder.load(path, size, channels)
+        if isinstance(image, Unreadable):
+            raise MaskkitError(f"--image {path}: not a readable image ({image.reason})")
+        images.append((image - mean_t) / std_t)
+    return images
+
+
+def image_tokens(model: ViT) -> list[str]:
+    """[CLS] (when the model has one), then each patch by its grid position, row by row."""
+    grid = model.grid_size
+    patches = [f"p{row},{column}" for row in range(grid) for column in range(grid)]
+    return (["[CLS]"] if model.cls_token is not None else []) + patches
+
+
+def analyze(source: str, texts: list[str] | None, out_dir: str | Path, save_vectors: bool = False, chunk: int = 16,
+            dtype: torch.dtype = torch.float32, progress: bool = True, heatmaps: int = HEATMAP_TEXTS,
+            images: list[str | Path] | None = None) -> dict:
+    """Decompose every layer of `source` on each text (or each image) and write DIR (see the module docstring), with
+    heatmaps of the first `heatmaps` inputs; returns the summary."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MaskkitError(f"{out_dir} exists and is not empty; analyze into a new --out")
-    model, tokenizer_file, description = load_text_model(source)
-    if not Path(tokenizer_file).is_file():
-        raise MaskkitError(f"{source}: its tokenizer.json ({tokenizer_file}) is missing")
+    if bool(texts) == bool(images):
+        raise MaskkitError("give texts (--text \"...\" or --text-file FILE) or images (--image FILE_OR_FOLDER), "
+                           "one of the two")
+    subject = load_subject(source)
+    model = subject.image if images else subject.text
+    if model is None:
+        reads = "images: give --image FILE_OR_FOLDER" if subject.image is not None else "texts: give --text or --text-file"
+        raise MaskkitError(f"{source} ({subject.description}) reads {reads}")
     model = model.to(dtype)
-    tokenizer = Tokenizer.from_file(tokenizer_file, model.cfg.context_length)
-    encoded = tokenize(tokenizer, texts, model.cfg.context_length)
-    changes = POST_NORM_CHANGES if model.cfg.post_norm else PRE_NORM_CHANGES
+    if images:
+        files = image_files(images)
+        pixels = read_images(files, model, subject.mean, subject.std)
+        names = image_tokens(model)
+        keep = [i for i, name in enumerate(names) if name != "[CLS]"]
+        encoded = [(None, names) for _ in files]
+        inputs = ((image_inputs(model, image.to(dtype)), None, keep) for image in pixels)
+    else:
+        encoded, special = subject.tokenize(texts, model.cfg.context_length)
+        inputs = ((*text_inputs(model, ids), [i for i, t in enumerate(ids.tolist()) if t not in special])
+                  for ids, _ in encoded)
+    changes = POST_NORM_CHANGES if model.blocks[0].post_norm else PRE_NORM_CHANGES
     stages = stages_of(model.blocks[0])
-    special = {tokenizer.special_ids().cls, tokenizer.special_ids().sep}      # left out of the amplified pairs
     maps, vectors, per_text, pairs = {}, {}, [], []
     started = time.perf_counter()
     from tqdm import tqdm
 
-    for number, (ids, tokens) in enumerate(tqdm(encoded, desc="analyze", disable=not progress, leave=False)):
-        x, allowed = text_inputs(model, ids)
+    for number, (x, allowed, keep) in enumerate(tqdm(inputs, total=len(encoded), desc="analyze",
+                                                    disable=not progress, leave=False)):
+        tokens = encoded[number][1]
         layers = decompose_layers(model.blocks, x, allowed, chunk)
         record = {"tokens": tokens, "mixing_ratio": [], "contextualization_change": []}
+        if images:
+            record["image"] = str(files[number])
         for index, layer in enumerate(layers):
             layer_maps = {stage: token_map(parts) for stage, parts in layer.stages.items()}
             record["mixing_ratio"].append({s: mixing_ratio(layer.stages[s]) for s in stages})
@@ -146,7 +319,6 @@ def analyze(source: str, texts: list[str], out_dir: str | Path, save_vectors: bo
                 maps[f"t{number}.layer{index}.{stage}"] = layer_maps[stage].float().contiguous()
                 if save_vectors:
                     vectors[f"t{number}.layer{index}.{stage}"] = layer.stages[stage].float().contiguous()
-            keep = [i for i, token in enumerate(ids.tolist()) if token not in special]
             if len(keep) > 1:
                 chosen = torch.tensor(keep)
                 before, after = layer_maps["norm"], layer_maps["ffn"]
@@ -155,8 +327,9 @@ def analyze(source: str, texts: list[str], out_dir: str | Path, save_vectors: bo
                                   "target": keep[pair["target"]], "source": keep[pair["source"]]})
         per_text.append(record)
     seconds = (time.perf_counter() - started) / len(encoded)
-    summary = {"model": description, "post_norm": model.cfg.post_norm, "stages": list(stages),
-               "changes": {name: list(pair) for name, pair in changes.items()}, "num_texts": len(texts),
+    summary = {"model": subject.description, "input": "images" if images else "texts",
+               "post_norm": model.blocks[0].post_norm, "stages": list(stages),
+               "changes": {name: list(pair) for name, pair in changes.items()}, "num_texts": len(encoded),
                "mixing_ratio": _mean_over_texts(per_text, "mixing_ratio"),
                "contextualization_change": _mean_over_texts(per_text, "contextualization_change"),
                "ffn_amplified_pairs": sorted(pairs, key=lambda p: -p["factor"])[:20],

@@ -75,12 +75,14 @@ def _parser() -> argparse.ArgumentParser:
                              "CLIPModel, mlm and pmlm with BERT's architecture -> BertForMaskedLM with the tokenizer, "
                              "tinybert stages -> BertForSequenceClassification with the tokenizer and class names)")
 
-    analyze = sub.add_parser("analyze", help="contextualization analysis of a text model's layers: maskkit analyze "
-                                             "minilm --text \"...\" --out DIR")
-    analyze.add_argument("model", help="minilm (the bundled all-MiniLM-L6-v2), a Hugging Face BERT directory or a "
-                                       "maskkit text run")
+    analyze = sub.add_parser("analyze", help="contextualization analysis of a Transformer's layers: maskkit analyze "
+                                             "minilm --text \"...\" --out DIR (or a ViT with --image)")
+    analyze.add_argument("model", help="minilm (the bundled all-MiniLM-L6-v2), a Hugging Face BERT, CLIP or ViT-MAE "
+                                       "directory, or a maskkit run")
     analyze.add_argument("--text", action="append", help="a text to analyze (repeat for more)")
     analyze.add_argument("--text-file", help="a UTF-8 file of texts, one per line")
+    analyze.add_argument("--image", action="append",
+                         help="an image file or a folder of images, for an image model (repeat for more)")
     analyze.add_argument("--out", required=True, help="the folder to write (new or empty)")
     analyze.add_argument("--save-vectors", action="store_true",
                          help="also write every contribution vector (contributions.safetensors, tokens.json)")
@@ -230,11 +232,13 @@ def run(args) -> int:
         if args.chunk < 1:
             raise MaskkitError(f"--chunk {args.chunk}: give at least 1 target token per feed-forward chunk")
         summary = analyze(args.model, read_texts(args.text, args.text_file), args.out, args.save_vectors, args.chunk,
-                          torch.float64 if args.float64 else torch.float32, progress=not args.no_progress)
+                          torch.float64 if args.float64 else torch.float32, progress=not args.no_progress,
+                          images=args.image)
         stage = "norm" if summary["post_norm"] else "residual"
         ratios = " ".join(f"{row[stage]:.3f}" for row in summary["mixing_ratio"])
-        print(f"analyzed {summary['num_texts']} text(s) through {summary['model']} "
-              f"({summary['seconds_per_text']:.2f} s per text): mixing ratio after attention + residual"
+        kind = "image" if summary["input"] == "images" else "text"
+        print(f"analyzed {summary['num_texts']} {kind}(s) through {summary['model']} "
+              f"({summary['seconds_per_text']:.2f} s per {kind}): mixing ratio after attention + residual"
               f"{' + norm' if summary['post_norm'] else ''} by layer {ratios}; {args.out}/summary.json")
         return 0
     if args.command == "export":

@@ -77,9 +77,12 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys, tiny_config):
         (["minilm", "--text-file", str(tmp_path / "empty.txt"), "--out", out], "holds no text"),
         (["minilm", "--text-file", str(tmp_path / "latin1.txt"), "--out", out], "is not UTF-8 (byte 3)"),
         (["minilm", "--text-file", str(tmp_path / "missing.txt"), "--out", out], "no such file"),
-        (["minilm", "--out", out], "give a text"),
+        (["minilm", "--out", out], "give texts"),
         ([str(tmp_path / "nowhere"), "--text", "x", "--out", out], "not a model"),
-        ([str(tmp_path / "mae"), "--text", "x", "--out", out], "has no decomposition"),
+        (["minilm", "--image", str(tmp_path / "empty.txt"), "--out", out], "reads texts: give --text"),
+        ([str(tmp_path / "mae"), "--image", str(tmp_path / "empty.txt"), "--out", out], "not a readable image"),
+        ([str(tmp_path / "mae"), "--image", str(tmp_path / "nowhere"), "--out", out], "no such file or folder"),
+        (["minilm", "--text", "x", "--image", str(tmp_path / "empty.txt"), "--out", out], "one of the two"),
         (["minilm", "--text", "x", "--out", str(tmp_path / "full")], "exists and is not empty"),
         (["minilm", "--text", "x", "--out", out, "--chunk", "0"], "--chunk 0"),
     ]
@@ -88,3 +91,59 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys, tiny_config):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and (tmp_path / "full" / "mine.txt").read_text(encoding="utf-8") == "keep"
+
+
+def random_png(path, size: int, seed: int):
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    return pixels.permute(2, 0, 1).double() / 255
+
+
+def test_a_hugging_face_clip_image_tower_decomposes_into_its_hidden_states_with_its_own_normalisation(tmp_path, capsys):
+    from tests.interop.test_hf_clip import random_clip
+
+    clip = random_clip(seed=3)
+    clip.save_pretrained(tmp_path / "clip")
+    mean, std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}),
+                                                                 encoding="utf-8")
+    (tmp_path / "images").mkdir()
+    pixels = [random_png(tmp_path / "images" / f"{n}.png", 32, n) for n in range(2)]
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "clip"), "--image", str(tmp_path / "images"), "--out", str(out),
+                 "--save-vectors", "--float64", "--no-progress"]) == 0
+    assert "analyzed 2 image(s) through Hugging Face clip" in capsys.readouterr().out
+    summary, vectors = json.loads((out / "summary.json").read_text(encoding="utf-8")), load_file(out / "contributions.safetensors")
+    assert summary["input"] == "images" and summary["texts"][1]["image"].endswith("1.png")
+    assert summary["texts"][0]["tokens"][:3] == ["[CLS]", "p0,0", "p0,1"] and len(summary["texts"][0]["tokens"]) == 17
+    normalised = (pixels[1] - torch.tensor(mean).view(3, 1, 1).double()) / torch.tensor(std).view(3, 1, 1).double()
+    with torch.no_grad():
+        hidden = clip.vision_model(pixel_values=normalised[None].float(), output_hidden_states=True).hidden_states
+    for layer in range(2):        # every layer's parts sum to CLIP's own hidden state after it (fp64 sums, fp32 HF)
+        assert_close_at_scale(vectors[f"t1.layer{layer}.ffn_residual"].sum(1), hidden[layer + 1][0], REAL_MODEL_PARITY)
+    assert all("[CLS]" not in (p["target_token"], p["source_token"]) for p in summary["ffn_amplified_pairs"])
+
+
+def test_a_maskkit_image_run_is_read_with_its_data_normalisation_and_refuses_texts(tmp_path, capsys, tiny_config):
+    from maskkit.eval.run import method_from_checkpoint
+    from maskkit.train.checkpoint import find_checkpoint
+    from maskkit.train.loop import train
+
+    train(tiny_config(train={"steps": 1}, data={"mean": [0.2, 0.3, 0.4], "std": [0.5, 0.6, 0.7]}), tmp_path / "mae",
+          progress=False)
+    pixels = random_png(tmp_path / "one.png", 16, 0)
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "mae"), "--image", str(tmp_path / "one.png"), "--out", str(out),
+                 "--save-vectors", "--no-progress"]) == 0
+    vit = method_from_checkpoint(find_checkpoint(tmp_path / "mae"))[0].backbone.eval()
+    normalised = (pixels.float() - torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(3, 1, 1)
+    last = []
+    vit.blocks[-1].register_forward_hook(lambda module, args, output: last.append(output))
+    with torch.no_grad():
+        vit(normalised[None])                       # the real forward pass: its last block's output
+    vectors = load_file(out / "contributions.safetensors")
+    assert_close_at_scale(vectors["t0.layer1.ffn_residual"].sum(1), last[0][0], 1e-5)
+    assert main(["analyze", str(tmp_path / "mae"), "--text", "a cat", "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "reads images: give --image" in capsys.readouterr().err

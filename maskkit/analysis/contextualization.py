@@ -221,7 +221,9 @@ def mixing_ratio(parts: torch.Tensor) -> float:
     """2021 Sec 5: per target, ||context|| / (||context|| + ||self||) with the mixing vector context =
     sum_{j != i} y_{i<-j} and the preserving vector self = y_{i<-i}, the bias excluded; averaged over the targets.
     The norm of the summed context, not the sum of its norms: contributions that cancel do not mix (with the sum of
-    norms MiniLM's ratios come out ~2x higher and grow with the text's length). A single token mixes nothing: 0."""
+    norms MiniLM's ratios come out ~2x higher and grow with the text's length). A single token mixes nothing: 0.
+    The same convention as the authors' code (norm-analysis-of-transformer, emnlp2021, BertNormOutput): b_O and
+    beta are left out of both vectors, and the mean runs over every token, [CLS] and [SEP] included."""
     tokens = parts[:, :-1]                                                      # (L, L, D)
     index = torch.arange(tokens.shape[0], device=parts.device)
     own = tokens[index, index]                                                  # (L, D)
