@@ -42,11 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
     evaluate.add_argument("--protocol", default="knn",
                           choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
-                                   "text-probe", "seq2seq"],
+                                   "text-probe", "seq2seq", "tokens", "lm-features"],
                           help="what to measure, on the run and on a random init of the same model (default: knn). "
                                "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, "
                                "dense-probe; both towers of flip: zero-shot, retrieval; a text model (mlm, xlnet, "
-                               "pmlm): text-classify, text-probe (a linear probe on frozen features), seq2seq")
+                               "pmlm): text-classify, text-probe (a linear probe on frozen features), seq2seq; lqae: "
+                               "tokens (reconstructions and their words), lm-features (the frozen LM's features: "
+                               "linear, kNN, 5-way few-shot) besides knn and linear on its encoder")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the data and eval keys the protocol reads, "
                                                        "e.g. eval.knn_k=10 data.name=folder data.path=DIR")
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -144,7 +146,9 @@ def format_eval(result: dict) -> str:
                 "dense-probe": "mIoU of a per-token linear probe",
                 "seq2seq": f"ROUGE-L F1 of generated targets (beam {result.get('beam_size', 1)})",
                 "text-classify": "test accuracy after fine-tuning",
-                "text-probe": "test accuracy of a linear probe on frozen features"}.get(result["protocol"], "accuracy")
+                "text-probe": "test accuracy of a linear probe on frozen features",
+                "tokens": "reconstruction PSNR (dB) from the words",
+                "lm-features": "linear probe on the frozen LM's features of the words"}.get(result["protocol"], "accuracy")
     unit = "documents" if result["protocol"] in ("text-classify", "text-probe", "seq2seq") else "images"
     # zero-shot and retrieval train nothing, so they have no training set to count.
     train = f"{result['num_train']} train / " if "num_train" in result else ""
@@ -164,6 +168,14 @@ def format_eval(result: dict) -> str:
             lines.append(f"  {str(source)[:60]!r}... -> {prediction!r} (reference {reference!r})")
     if "majority" in result:
         lines.append(f"  majority class: {result['majority']:.3f}")
+    if "pretrained_knn" in result:          # lm-features
+        for key in ("knn", "5way_1shot", "5way_5shot"):
+            lines.append(f"  {key}: pretrained {result['pretrained_' + key]:.3f}, random init "
+                         f"{result['random_init_' + key]:.3f}")
+    for words in result.get("sequences", [])[:4]:   # tokens
+        lines.append(f"  {words}")
+    if "png" in result:
+        lines.append(f"  images, reconstructions and words: {result['png']}")
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
     recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"

@@ -33,7 +33,7 @@ from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune, labels_per_class
 from maskkit.eval.linear_probe import linear_probe
 from maskkit.files import atomic_write_text, writing
-from maskkit.methods import build_method
+from maskkit.interop.pretrained import build_with_frozen_parts
 from maskkit.nn.knn import knn_accuracy
 from maskkit.nn.transformer import ViT, ViTConfig
 from maskkit.runlock import RunLock
@@ -42,9 +42,10 @@ from maskkit.train.distributed import pick_device
 
 log = logging.getLogger("maskkit")
 PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "text-probe",
-             "seq2seq")
+             "seq2seq", "tokens", "lm-features")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 TEXT_PROTOCOLS = ("text-classify", "text-probe", "seq2seq")
+LQAE_PROTOCOLS = ("tokens", "lm-features")      # maskkit/eval/lqae.py
 RECORD_WAIT_S = 3.0    # another eval holds the run's lock for the milliseconds of its own write
 
 # The config keys each protocol reads. An override of any other key would change nothing, so `evaluate` refuses
@@ -74,6 +75,9 @@ READS = {
     "seq2seq": (*_DOCUMENTS, "data.target_field", "eval.seq2seq_source_length", "eval.seq2seq_target_length",
                 "eval.seq2seq_epochs", "eval.seq2seq_test_documents", "eval.text_lr", "eval.text_batch_size",
                 "eval.beam_size"),
+    "tokens": (*_LABELLED_IMAGES, "eval.batch_size"),
+    "lm-features": (*_LABELLED_IMAGES, "eval.batch_size", "eval.knn_k", "eval.knn_temperature", "eval.probe_epochs",
+                    "eval.probe_lr", "eval.probe_batch_size"),
 }
 RUNTIME_OVERRIDES = ("train.threads",)   # how fast, not what: accepted by every protocol, not part of its settings
 
@@ -114,7 +118,7 @@ def method_from_checkpoint(checkpoint: Path):
     if not isinstance(state.get("config"), dict):
         raise MaskkitError(f"{checkpoint / 'state.json'} holds no config, so the model cannot be rebuilt")
     cfg = config_from_dict(state["config"], source=str(checkpoint / "state.json"))
-    method = build_method(cfg)
+    method = build_with_frozen_parts(cfg)
     load_weights(method, checkpoint)
     return method, cfg
 
@@ -182,7 +186,7 @@ def evaluate_two_towers(method, cfg: Config, protocol: str, device="cpu", seed: 
         raise MaskkitError(f"zero-shot needs class names: data.name=shapes or digits, not {data_cfg.name!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        random_init = build_method(cfg)
+        random_init = build_with_frozen_parts(cfg)
     models = {"pretrained": copy.deepcopy(method).to(device), "random_init": random_init.to(device)}
     result = {"protocol": protocol, "dataset": data_cfg.name}       # no "num_train": nothing is trained
     if protocol == "zero-shot":
@@ -382,7 +386,7 @@ def random_backbone(cfg: Config, seed: int):
     """The backbone of the run's method with fresh weights (seed `seed`), the caller's generator untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_method(cfg).backbone
+        return build_with_frozen_parts(cfg).backbone
 
 
 def labelled_documents(cfg: Config, protocol: str):
@@ -471,6 +475,21 @@ def evaluate_text(backbone, cfg: Config, protocol: str, device="cpu", seed: int 
     return result
 
 
+def evaluate_lqae(method, cfg: Config, protocol: str, png: Path, device="cpu", seed: int = 0) -> dict:
+    """tokens or lm-features (maskkit/eval/lqae.py) for an LQAE run and for a random init of it (same frozen LM)."""
+    from maskkit.eval.lqae import lm_features_protocol, require_lqae, tokens_protocol
+
+    require_lqae(method, protocol)
+    device = _device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_init = build_with_frozen_parts(cfg)
+    models = {"pretrained": method, "random_init": random_init}
+    if protocol == "tokens":
+        return tokens_protocol(models, cfg, png, device)
+    return lm_features_protocol(models, cfg, device, seed)
+
+
 def _eval_json_path(source: Path) -> Path:
     """RUN/eval.json for a checkpoint under RUN/checkpoints/, else next to the file or in the checkpoint."""
     if source.is_file():
@@ -508,7 +527,7 @@ def evaluate(
     lock.check_free(wait=RECORD_WAIT_S)
     if protocol in TWO_TOWER_PROTOCOLS:
         method, cfg = load_method(source)
-    elif protocol in TEXT_PROTOCOLS:
+    elif protocol in TEXT_PROTOCOLS or protocol in LQAE_PROTOCOLS:
         if not source.is_dir():
             raise MaskkitError(f"{source}: {protocol} needs a run or checkpoint directory, not an exported file")
         method, cfg = method_from_checkpoint(source)
@@ -524,6 +543,8 @@ def evaluate(
         result = evaluate_two_towers(method, cfg, protocol, device, seed)
     elif protocol in TEXT_PROTOCOLS:
         result = evaluate_text(method.backbone, cfg, protocol, device, seed, progress)
+    elif protocol in LQAE_PROTOCOLS:
+        result = evaluate_lqae(method, cfg, protocol, _eval_json_path(source).parent / "tokens.png", device, seed)
     else:
         result = evaluate_backbones(backbone, cfg, [protocol], device, seed, progress)[protocol]
     result.update(checkpoint=str(source), overrides=list(overrides), settings=settings_of(cfg, protocol, seed))

@@ -411,8 +411,12 @@ class TextTransformer(nn.Module):
         return allowed
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D): token + position (+ token-type) embeddings, then the embedding LayerNorm."""
+              token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D): token + position (+ token-type) embeddings, then the embedding LayerNorm.
+
+        `inputs_embeds` (B, L, D) replaces the token-embedding lookup (HF's argument of that name; `ids` then only
+        gives the shape): vectors that are not rows of the table (LQAE's quantized image tokens) enter the model
+        through its own position, token-type and LayerNorm stage, and E[ids] gives exactly what ids gives."""
         batch, length = ids.shape
         if positions is None:
             if length > self.cfg.context_length:
@@ -427,7 +431,12 @@ class TextTransformer(nn.Module):
             # accumulation) adds repeated positions in a thread-dependent order on the CPU, so PMLM's runs
             # (whose pseudo-masked tokens repeat positions) differed from run to run with 2 threads.
             position_table = F.embedding(positions, self.position_embedding[0])   # (B, L, D) or (L, D)
-        x = self.token_embedding(ids) + position_table.to(self.token_embedding.weight.dtype)   # (B, L, D)
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(ids)
+        elif inputs_embeds.shape != (batch, length, self.cfg.dim):
+            raise MaskkitError(f"inputs_embeds of shape {tuple(inputs_embeds.shape)} do not match token ids of shape "
+                               f"{tuple(ids.shape)} and the model's width {self.cfg.dim}")
+        x = inputs_embeds + position_table.to(inputs_embeds.dtype)                          # (B, L, D)
         if self.token_type_embedding is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(ids)          # HF's default: every token of segment A
@@ -450,7 +459,8 @@ class TextTransformer(nn.Module):
         return attn_mask if attn_mask.ndim == 4 else attn_mask.unsqueeze(1)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, D).
 
         `positions` (B, L) or (L,): each token's position id (default 0 .. L-1); PMLM gives its appended
@@ -458,8 +468,9 @@ class TextTransformer(nn.Module):
         length while every position stays inside it. `attn_mask` (B, L, L) or (B, 1, L, L) boolean,
         True = query may attend key, replaces the padding and causal masks (PMLM, UniLM seq2seq).
         `token_type_ids` (B, L): BERT's segment ids (default all 0), with model.text.type_vocab_size > 0.
+        `inputs_embeds` (B, L, D): vectors in place of the token embeddings (see `embed`).
         """
-        x = self.embed(ids, positions, token_type_ids)
+        x = self.embed(ids, positions, token_type_ids, inputs_embeds)
         mask = self._mask(ids, attention_mask, attn_mask)
         for block in self.blocks:
             x = block(x, attn_mask=mask)

@@ -38,7 +38,7 @@ from maskkit.data.images import labelled_dataset
 from maskkit.data.text import pin_vocabulary, run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.files import cannot_write, writing
-from maskkit.methods import build_method
+from maskkit.interop.pretrained import build_with_frozen_parts
 from maskkit.nn.knn import knn_accuracy
 from maskkit.nn.transformer import ViT
 from maskkit.rng import Stream, sample_keys, scalar_seed
@@ -229,7 +229,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
 
     # Same seed on every rank, so every rank starts from the same weights.
     torch.manual_seed(tcfg.seed)
-    method = build_method(cfg).to(info.device)
+    method = build_with_frozen_parts(cfg).to(info.device)
     peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
     optimizer = build_optimizer(method, cfg.optim, peak_lr)
 
