@@ -147,3 +147,21 @@ def test_a_maskkit_image_run_is_read_with_its_data_normalisation_and_refuses_tex
     assert_close_at_scale(vectors["t0.layer1.ffn_residual"].sum(1), last[0][0], 1e-5)
     assert main(["analyze", str(tmp_path / "mae"), "--text", "a cat", "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "reads images: give --image" in capsys.readouterr().err
+
+
+def test_a_hugging_face_vit_mae_directory_is_read_with_imagenet_normalisation(tmp_path, tiny_config):
+    from maskkit.interop.hf import save_hf_vitmae
+    from maskkit.methods import build_method
+
+    mae = build_method(tiny_config()).eval()
+    save_hf_vitmae(mae, tmp_path / "vitmae")
+    pixels = random_png(tmp_path / "one.png", 16, 4)
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "vitmae"), "--image", str(tmp_path / "one.png"), "--out", str(out),
+                 "--save-vectors", "--no-progress"]) == 0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    last = []
+    mae.encoder.blocks[-1].register_forward_hook(lambda module, args, output: last.append(output))
+    with torch.no_grad():
+        mae.encoder(((pixels.float() - mean) / std)[None])
+    assert_close_at_scale(load_file(out / "contributions.safetensors")["t0.layer1.ffn_residual"].sum(1), last[0][0], 1e-5)

@@ -246,3 +246,15 @@ def test_bad_input_is_refused_in_one_line_before_training(small_lm, tmp_path):
         with pytest.raises(MaskkitError) as error:
             build_with_frozen_parts(config_from_dict(lqae_dict(small_lm, **sections)))
         assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("codebook", "words", "model.codebook"), ("decoder_input", "pixels", "model.decoder_input"),
+    ("codebook_size", 1, "model.codebook_size"), ("commitment", -0.1, "model.commitment"),
+    ("commitment", float("nan"), "model.commitment"), ("lm_mask_ratio", 1.0, "model.lm_mask_ratio"),
+    ("mlm_weight", -1.0, "model.mlm_weight"), ("lm", "", "model.lm"), ("project", "yes", "model.project"),
+    ("decoder_dim", 15, "model.decoder_dim"), ("decoder_depth", -1, "model.decoder_depth"),
+])
+def test_bad_values_of_the_lqae_keys_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(MaskkitError, match=message.replace(".", r"\.")):
+        config_from_dict(lqae_dict("minilm", model={key: value}))
