@@ -18,7 +18,12 @@ that every image becomes a sequence of real words:
 Where maskkit departs from the authors' code (forhaoliu/language-quantized-autoencoders): the search centres the
 encoder's vectors (each image's mean over its tokens) and the table (its mean word row) before the cosine: a random
 encoder's tokens share most of their direction, so without it nearly every token of every image lands on the same
-few codes (tests/methods/test_lqae.py measures it), and the table's rows share a mean direction too. The code
+few codes (tests/methods/test_lqae.py measures it), and the table's rows share a mean direction too. And the
+straight-through estimator and the commitment act on that centred direction scaled to the chosen code's norm
+(`sphere`, the l2-normalised codes of ViT-VQGAN, Yu et al. 2022, Sec 3.2, which the search already uses): with the
+raw encoder output, as the code has it, nothing bounds its norm (the search reads only its direction and the LM reads
+the code), and on CPU-scale runs it grew until |z - q|^2 was 25-45 per element, the codes froze and collapsed (109
+distinct codes over the 8,640 test tokens, encoder features below their random init; README, LQAE). The code
 searches every row of RoBERTa's table; maskkit leaves out the rows that are not words ([PAD], [CLS], [SEP], [MASK],
 [UNK], [unused*]), so that the sequence reads as text. No [CLS] / [SEP] are added around the image tokens (as the
 code: the LM reads the patch tokens alone).
@@ -66,6 +71,7 @@ class LQAEConfig:
     codebook_size: int = 1024         # rows of the learned codebook (codebook: learned)
     decoder_input: str = "lm"         # lm (the LM's last hidden state, LQAE) | quantized (the code vectors, VQ-AE)
     center: bool = True               # centre the encoder's vectors and the table before the search (see above)
+    sphere: bool = True               # straight-through and commitment on the sphere of the code's norm (see above)
     commitment: float = 0.005         # beta of the commitment loss (the authors' script)
     lm_mask_ratio: float = 0.5        # tokens replaced by [MASK] before the LM in training
     mlm_weight: float = 0.0           # the MLM loss on the masked tokens (needs an LM with an MLM head); script: 1e-4
@@ -164,8 +170,10 @@ class LQAE(Method):
             raise MaskkitError(f"model.encoder.dim={enc.dim} does not match the LM's width {width}: set "
                                f"model.encoder.dim={width} or model.project=true (a linear map)")
         self.projection = nn.Linear(enc.dim, width) if cfg.project else nn.Identity()
+        real_rows = language.token_embedding.weight.detach()[word_rows(tokenizer, vocab_size)]
+        self.code_norm = float(real_rows.norm(dim=-1).mean())
         if cfg.codebook == "learned":
-            self.codebook = nn.Parameter(F.normalize(torch.randn(cfg.codebook_size, width), dim=-1))
+            self.codebook = nn.Parameter(F.normalize(torch.randn(cfg.codebook_size, width), dim=-1) * self.code_norm)
             self.register_buffer("allowed", torch.ones(cfg.codebook_size, dtype=torch.bool), persistent=False)
         else:
             self.codebook = None
@@ -206,8 +214,8 @@ class LQAE(Method):
     @property
     def table(self) -> torch.Tensor:
         """(K, D) the code vectors: the LM's token embeddings, the random table, or the learned codebook."""
-        if self.codebook is not None:
-            return self.codebook
+        if self.codebook is not None:        # rows on the sphere of the LM's mean word-row norm with `sphere`
+            return F.normalize(self.codebook, dim=-1) * self.code_norm if self.cfg.sphere else self.codebook
         if self.random_table is not None:
             return self.random_table
         return self.language_model.token_embedding.weight
@@ -227,6 +235,13 @@ class LQAE(Method):
         """(ids (B, N), code vectors E[ids] (B, N, D)) of the nearest allowed rows."""
         ids = nearest_codes(vectors.detach(), self.table.detach(), self.allowed, self.cfg.center)
         return ids, F.embedding(ids, self.table)
+
+    def on_sphere(self, vectors: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """The direction the search compares (each image's vectors centred with `center`), at the chosen code's
+        norm: the straight-through gradient then has no radial part, and the commitment pulls directions."""
+        if self.cfg.center:
+            vectors = vectors - vectors.mean(dim=1, keepdim=True)
+        return F.normalize(vectors, dim=-1) * radius
 
     def read_with_lm(self, codes: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, D) code vectors -> the LM's last hidden state (B, N, D), tokens where `masked` is True replaced
@@ -258,6 +273,8 @@ class LQAE(Method):
         images = batch["images"]                                                 # (B, C, H, W)
         vectors = self.encode_vectors(images)                                    # (B, N, D)
         ids, codes = self.quantize(vectors)                                      # (B, N), (B, N, D)
+        if self.cfg.sphere:
+            vectors = self.on_sphere(vectors, codes.detach().norm(dim=-1, keepdim=True))
         straight_through = vectors + (codes - vectors).detach()
         commitment = F.mse_loss(vectors.float(), codes.detach().float())
         loss = self.cfg.commitment * commitment

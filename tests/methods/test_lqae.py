@@ -258,3 +258,19 @@ def test_bad_input_is_refused_in_one_line_before_training(small_lm, tmp_path):
 def test_bad_values_of_the_lqae_keys_are_refused_naming_the_key(key, value, message):
     with pytest.raises(MaskkitError, match=message.replace(".", r"\.")):
         config_from_dict(lqae_dict("minilm", model={key: value}))
+
+
+def test_on_the_sphere_the_straight_through_gradient_has_no_radial_part(small_lm):
+    """model.sphere: the encoder's vectors enter as their centred directions at the codes' norms, so the gradient
+    they get cannot grow them (the drift that froze and collapsed the codes with the raw vectors)."""
+    method = build_with_frozen_parts(config_from_dict(lqae_dict(small_lm)))
+    vectors = torch.randn(2, 16, 32, requires_grad=True)
+    radius = torch.rand(2, 16, 1) + 0.5
+    on_sphere = method.on_sphere(vectors, radius)
+    centred = vectors.detach() - vectors.detach().mean(1, keepdim=True)
+    torch.testing.assert_close(on_sphere.norm(dim=-1, keepdim=True), radius)
+    (on_sphere * torch.randn(2, 16, 32)).sum().backward()
+    # d/dt of the sum of the centred vectors' squared norms along the gradient: zero, image by image (each token's
+    # own part is tangent; the mean's part sums to zero against centred vectors that sum to zero).
+    radial = (vectors.grad * centred).sum(dim=(1, 2))
+    assert radial.abs().max() < 1e-5 * (vectors.grad.norm() * centred.norm())
