@@ -220,10 +220,6 @@ class LQAE(Method):
             return self.random_table
         return self.language_model.token_embedding.weight
 
-    def check_data(self, data) -> None:
-        if getattr(data, "tokenizer", None) is not None:
-            raise MaskkitError("method lqae reads images: data.kind=image")
-
     # Sec 3.1, step by step.
 
     def encode_vectors(self, images: torch.Tensor) -> torch.Tensor:
