@@ -47,6 +47,7 @@ from maskkit.data.images import IMAGE_EXTENSIONS, ImageFolder
 from maskkit.data.tokenizer import Tokenizer, minilm_tokenizer_file
 from maskkit.errors import MaskkitError
 from maskkit.files import atomic_write_text, pyplot, writing
+from maskkit.interop.hf import HF_IMAGE_DEFAULTS, hf_normalisation
 from maskkit.nn.transformer import Block, TextTransformer, ViT
 
 # The component each contextualization change measures: (the map before it, the map after it), per block type.
@@ -70,11 +71,6 @@ class Subject:
     image: ViT | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-
-
-# Image normalisation of a Hugging Face directory without preprocessor_config.json (each family's default).
-HF_IMAGE_DEFAULTS = {"clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
-                     "vit_mae": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
 
 
 def load_subject(source: str) -> Subject:
@@ -102,7 +98,7 @@ def _hf_subject(path: Path) -> Subject:
     family = config.get("model_type", "")
     description = f"Hugging Face {family or 'model'} {path}"
     if family in HF_IMAGE_DEFAULTS:
-        mean, std = _hf_normalisation(path, family)
+        mean, std = hf_normalisation(path, family)
         if family == "clip":
             from maskkit.interop.hf_clip import load_hf_clip
 
@@ -137,9 +133,14 @@ def _run_subject(path: Path) -> Subject:
     if text is not None:
         subject.text = _checked(text, str(path))
         tokenizer_file = run / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if tokenizer_file.is_file():
+            tokenizer = Tokenizer.from_file(tokenizer_file, subject.text.cfg.context_length)
+        elif cfg.data.kind == "pairs":          # a flip run from before pairs pinned theirs: learnt again, as eval does
+            from maskkit.data.pairs import pair_tokenizer
+
+            tokenizer = pair_tokenizer(cfg.data)
+        else:
             raise MaskkitError(f"{path}: its tokenizer.json ({tokenizer_file}) is missing")
-        tokenizer = Tokenizer.from_file(tokenizer_file, subject.text.cfg.context_length)
         subject.tokenize = _maskkit_tokenize(tokenizer)
     return subject
 
@@ -153,18 +154,6 @@ def _checked(model, source: str) -> TextTransformer | ViT:
                            "Transformers built of standard attention + feed-forward blocks (BERT, CLIP, ViT-MAE, and "
                            "maskkit's mae, moco, densecl, energy, flip, mlm, pmlm and tinybert runs)")
     return model.eval()
-
-
-def _hf_normalisation(path: Path, family: str) -> tuple[list[float], list[float]]:
-    mean, std = HF_IMAGE_DEFAULTS[family]
-    preprocessor = path / "preprocessor_config.json"
-    if preprocessor.is_file():
-        try:
-            config = json.loads(preprocessor.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise MaskkitError(f"{preprocessor}: not valid JSON ({error})") from None
-        mean, std = config.get("image_mean", mean), config.get("image_std", std)
-    return list(mean), list(std)
 
 
 def _maskkit_tokenize(tokenizer: Tokenizer):

@@ -394,19 +394,20 @@ RUN_TOKENIZER = "tokenizer.json"
 
 def run_vocabulary(cfg, run_dir):
     """The data section with the vocabulary the run in `run_dir` trained with (RUN/tokenizer.json, written by
-    `pin_vocabulary`), for text data that has one: `tokenizers`' trainer does not give the same ids twice, so a
-    file retrained at the data.tokenizer path would feed the weights other tokens without any error."""
+    `pin_vocabulary`), for text and pair data that has one: `tokenizers`' trainer does not give the same ids twice,
+    so a file retrained at the data.tokenizer path (or a caption vocabulary learnt again from edited captions)
+    would feed the weights other tokens without any error."""
     pinned = Path(run_dir) / RUN_TOKENIZER
-    if getattr(cfg, "kind", None) == "text" and pinned.is_file():
+    if getattr(cfg, "kind", None) in ("text", "pairs") and pinned.is_file():
         return dataclasses.replace(cfg, tokenizer=str(pinned))
     return cfg
 
 
 def pin_vocabulary(cfg, tokenizer, run_dir) -> None:
-    """Write the tokenizer of a new text run to RUN/tokenizer.json (other data kinds: nothing)."""
+    """Write the tokenizer of a new text or image-text run to RUN/tokenizer.json (image data: nothing)."""
     from maskkit.files import atomic_write_text
 
-    if getattr(cfg, "kind", None) == "text":
+    if getattr(cfg, "kind", None) in ("text", "pairs"):
         atomic_write_text(Path(run_dir) / RUN_TOKENIZER, tokenizer.backend.to_str())
 
 

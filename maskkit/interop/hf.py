@@ -13,6 +13,7 @@ still writes, use the 4.x names (`vit.encoder.layer.0.attention.attention.query.
 """
 
 import contextlib
+import json
 import math
 from collections.abc import Iterable
 from os import PathLike
@@ -307,3 +308,21 @@ def save_hf_vitmae(mae: MAE, directory) -> Path:
     with quiet_transformers():
         model.save_pretrained(directory)
     return Path(directory)
+
+
+# Image normalisation of a Hugging Face directory without preprocessor_config.json (each family's default).
+HF_IMAGE_DEFAULTS = {"clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+                     "vit_mae": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+def hf_normalisation(path: Path, family: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of a Hugging Face image model directory: its preprocessor_config.json, else the family's."""
+    mean, std = HF_IMAGE_DEFAULTS[family]
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        try:
+            config = json.loads(preprocessor.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise MaskkitError(f"{preprocessor}: not valid JSON ({error})") from None
+        mean, std = config.get("image_mean", mean), config.get("image_std", std)
+    return list(mean), list(std)
