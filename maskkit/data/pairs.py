@@ -31,26 +31,30 @@ from maskkit.data.common import (
     take_split,
 )
 from maskkit.data.images import Digits, ImageFolder
-from maskkit.data.shapes import COLOURS, ShapesWorld, caption
+from maskkit.data.shapes import COLOURS, BiasedShapes, ShapesWorld, caption
 from maskkit.data.tokenizer import Tokenizer, build_tokenizer
 from maskkit.errors import MaskkitError, require, require_float, require_int
 
 log = logging.getLogger("maskkit")
 
-PAIR_SETS = ("shapes", "digits", "csv", "shards")
+PAIR_SETS = ("shapes", "biased-shapes", "digits", "csv", "shards")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @dataclass
 class PairDataConfig:
     kind: str = "pairs"               # image-text pairs (the image section is kind: image)
-    name: str = "shapes"              # shapes | digits | csv | shards
+    name: str = "shapes"              # shapes | biased-shapes | digits | csv | shards
     path: str = ""                    # csv: a .csv or .tsv file of (image path, caption); shards: a folder or glob of .tar
     image_column: str = "filepath"    # csv column names (open_clip's defaults)
     caption_column: str = "title"
     image_size: int = 32
     in_channels: int = 3
     num_samples: int = 4096           # shapes: size of the training world (the held-out split adds a quarter)
+    spurious_correlation: float = 0.95  # biased-shapes: P(background = the class's usual one) in training
+    background_mention: float = 0.5   # biased-shapes: P(a training caption names the background)
+    other_kinds: float = 0.5          # biased-shapes: the fraction of training images of other kinds, on either
+    world_seed: int = 0               # biased-shapes: which world (every split's images and captions)
     eval_split: float = 0.25          # held-out fraction (digits, csv)
     tokenizer: str = "captions"       # captions (WordPiece learnt from the training captions) | minilm | PATH
     vocab_size: int = 256             # for tokenizer=captions: the largest vocabulary it may learn
@@ -69,6 +73,10 @@ def check_pair_data(d: PairDataConfig, source: str) -> None:
     require_int(source, "data.image_size", d.image_size, 8, 4096)
     require(d.in_channels in (1, 3), source, "data.in_channels", d.in_channels, "1 (grey) or 3 (RGB)")
     require_int(source, "data.num_samples", d.num_samples, 4)
+    require_float(source, "data.spurious_correlation", d.spurious_correlation, 0.0, 1.0)
+    require_float(source, "data.background_mention", d.background_mention, 0.0, 1.0)
+    require_float(source, "data.other_kinds", d.other_kinds, 0.0, 1.0, high_open=True)
+    require_int(source, "data.world_seed", d.world_seed, 0, 2**31 - 1)
     require_float(source, "data.eval_split", d.eval_split, 0.0, 1.0, low_open=True, high_open=True)
     require_int(source, "data.vocab_size", d.vocab_size, len(COLOURS) + 8, 1_000_000)
     require_int(source, "data.context_length", d.context_length, 3, 4096)
@@ -291,6 +299,10 @@ class Shards(Dataset):
 def build_pair_dataset(cfg: PairDataConfig, split: str = "train") -> Dataset:
     if cfg.name == "shapes":
         return Indexed(ShapesWorld(split, cfg.num_samples, cfg.image_size, cfg.in_channels))
+    if cfg.name == "biased-shapes":
+        return Indexed(BiasedShapes(split, cfg.num_samples, cfg.image_size, cfg.in_channels, cfg.world_seed,
+                                    correlation=cfg.spurious_correlation, mention=cfg.background_mention,
+                                    other=cfg.other_kinds))
     if cfg.name == "digits":
         return Indexed(CaptionedDigits(split, cfg.image_size, cfg.in_channels, cfg.eval_split))
     if cfg.name == "shards":
@@ -309,6 +321,8 @@ def captions_of(dataset: Dataset) -> list[str]:
             if isinstance(text, Unreadable):
                 report_unreadable(text.path, text.reason)      # skipped in training too: named here, once
         return [text for text in captions if isinstance(text, str)]
+    if isinstance(inner, BiasedShapes):
+        return [inner.caption(i) for i in range(len(inner))]
     if isinstance(inner, CaptionedDigits):
         return [CaptionedDigits.TEMPLATES[i % 4].format(DIGIT_NAMES[int(y)]) for i, y in enumerate(inner.digits.labels)]
     return [caption(inner.scene(i), [0.5] * 3) for i in range(len(inner))] + [

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from maskkit.data.common import to_channels
+from maskkit.errors import MaskkitError
 from maskkit.rng import Stream, sample_keys, uniform
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
@@ -34,9 +35,9 @@ class Shape:
     y: float
 
 
-def _draw(shape: Shape, side: int) -> torch.Tensor:
-    """(side, side) bool: the pixels the shape covers."""
-    radius = (0.12 if shape.size == "small" else 0.2) * side
+def _draw(shape: Shape, side: int, scale: float = 1.0) -> torch.Tensor:
+    """(side, side) bool: the pixels the shape covers (`scale` times the usual radius)."""
+    radius = (0.12 if shape.size == "small" else 0.2) * side * scale
     coords = torch.arange(side, dtype=torch.float32) + 0.5
     dy, dx = coords[:, None] - shape.y * side, coords[None, :] - shape.x * side
     if shape.kind == "circle":
@@ -125,3 +126,74 @@ class ShapesWorld(Dataset):
             mask[covered] = 1 + KINDS.index(shape.kind)
         return {"images": to_channels(image.clamp(0, 1), self.channels), "text": caption(shapes, u[1:]),
                 "label": torch.tensor(CLASS_NAMES.index(f"{shapes[0].colour} {shapes[0].kind}")), "mask": mask}
+
+
+# The biased world (Waterbirds, Sagawa et al. 2020, made of shapes): class y = the shape's kind, spurious
+# attribute a = the background's colour. Shape colours avoid the background colours, so colour words name one or
+# the other. Class y's usual background is BACKGROUNDS[y]; the group of an image is its (y, a). The other kinds
+# appear on either background alike, as the rest of a web crawl shows a model what shapes are.
+BIAS_CLASSES = ("circle", "cross")
+OTHER_KINDS = ("square", "triangle")
+BACKGROUNDS = {"green": (0.25, 0.55, 0.2), "blue": (0.15, 0.3, 0.75)}
+BIAS_SHAPE_COLOURS = ("red", "yellow", "white", "purple")
+BIAS_SCALE = 1.5          # shapes 1.5 times the shapes world's: kinds that patches of 4 px can tell apart
+
+
+class BiasedShapes(Dataset):
+    """Item i is a fixed function of (seed, split, i): one shape on a textured background of colour
+    list(BACKGROUNDS)[a], with a caption, "label" y (BIAS_CLASSES[y]; -1 for the other kinds) and "group" a.
+
+    "train": a fraction `other` of the images shows one of OTHER_KINDS on either background; the rest a class y,
+    on its usual background a = y with probability `correlation` (Waterbirds: 0.95), else on the other. A caption
+    names the shape ("a small red circle") and, with probability `mention`, the background ("... on a green
+    background"), so the text tower learns background words while shape-only captions lean towards their usual
+    background. "val" and "test": the classes only, group-balanced (item i has y = i % 2, a = (i // 2) % 2), for
+    balanced probes and worst-group accuracy. Each split draws from its own stream.
+    """
+
+    SPLITS = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, split: str, num_samples: int, image_size: int, channels: int = 3, seed: int = 0,
+                 correlation: float = 0.95, mention: float = 0.5, other: float = 0.5):
+        split = "train" if split == "all" else split
+        if split not in self.SPLITS:
+            raise MaskkitError(f"the biased shapes world has the splits {', '.join(self.SPLITS)}, not {split!r}")
+        self.split, self.image_size, self.channels, self.seed = split, image_size, channels, seed
+        self.correlation, self.mention, self.other = correlation, mention, other
+        self.num = num_samples if split == "train" else max(4 * 16, num_samples // 4)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def describe(self, i: int) -> tuple[int, int, Shape, float]:
+        """(y, a, the shape, u): y = -1 for an other kind; u < mention puts the background in the caption."""
+        u = uniform(sample_keys(self.seed, torch.tensor([20 + self.SPLITS[self.split]]), torch.tensor([i])), (8,),
+                    Stream.SCENE)[0].tolist()
+        if self.split != "train":
+            y, a = i % 2, (i // 2) % 2
+            kind = BIAS_CLASSES[y]
+        elif u[0] < self.other:
+            y, a = -1, int(u[1] * len(BACKGROUNDS))
+            kind = OTHER_KINDS[int(u[7] * len(OTHER_KINDS))]
+        else:
+            y = int(u[7] * len(BIAS_CLASSES))
+            a = y if u[1] < self.correlation else 1 - y
+            kind = BIAS_CLASSES[y]
+        colour = BIAS_SHAPE_COLOURS[int(u[2] * len(BIAS_SHAPE_COLOURS))]
+        shape = Shape(kind, colour, "small" if u[3] < 0.5 else "large", 0.35 + 0.3 * u[4], 0.35 + 0.3 * u[5])
+        return y, a, shape, u[6]
+
+    def caption(self, i: int) -> str:
+        _, a, shape, u = self.describe(i)
+        text = _describe(shape, 1.0)                              # "a small red circle": size always named
+        return f"{text} on a {list(BACKGROUNDS)[a]} background" if u < self.mention else text
+
+    def __getitem__(self, i: int) -> dict:
+        y, a, shape, _ = self.describe(i)
+        side = self.image_size
+        noise = torch.rand(3, side, side, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 97 * i
+                                                                                  + self.SPLITS[self.split]))
+        image = torch.tensor(BACKGROUNDS[list(BACKGROUNDS)[a]])[:, None, None] * (0.8 + 0.4 * noise)
+        image[:, _draw(shape, side, BIAS_SCALE)] = torch.tensor(COLOURS[shape.colour])[:, None]
+        return {"images": to_channels(image.clamp(0, 1), self.channels), "text": self.caption(i),
+                "label": torch.tensor(y), "group": torch.tensor(a)}
