@@ -93,6 +93,25 @@ def _parser() -> argparse.ArgumentParser:
                          help="target tokens at a time in the feed-forward stage (memory ~ chunk x tokens x d_ff)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    debias = sub.add_parser("debias", help="project biased prompt directions out of a two-tower model's zero-shot "
+                                           "classifier: maskkit debias RUN --out DIR")
+    debias.add_argument("model", help="a maskkit flip run or a Hugging Face CLIP directory")
+    debias.add_argument("--classes", nargs="+", help="the class names (default on --eval biased-shapes: circle square)")
+    debias.add_argument("--template", action="append",
+                        help="a class prompt with {} for the name (repeat for an ensemble; default \"a photo of a {}.\")")
+    debias.add_argument("--spurious", nargs="+", help="prompts that describe only the spurious attribute")
+    debias.add_argument("--attributes", nargs="+",
+                        help="the spurious attribute's values as phrases (\"on water\"): the calibration pairs each "
+                             "class's prompt across them")
+    debias.add_argument("--pairs", help="a JSON file {\"prompts\": [...], \"pairs\": [[i, j], ...]} of positive pairs")
+    debias.add_argument("--eval", help="a folder with metadata.csv (filepath, class, group), or biased-shapes "
+                                       "(the default for a run trained on it)")
+    debias.add_argument("--mode", default="calibrated", help="projection | calibrated (default) | calibration: the "
+                                                             "P written to projection.safetensors")
+    debias.add_argument("--lam", type=float, default=1000.0, help="the calibration weight lambda (default 1000)")
+    debias.add_argument("--seed", type=int, default=0, help="the random control's subspace")
+    debias.add_argument("--out", required=True, help="the folder to write (new or empty)")
+
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
     copy.add_argument("recipe")
@@ -252,6 +271,18 @@ def run(args) -> int:
         print(f"analyzed {summary['num_texts']} {kind}(s) through {summary['model']} "
               f"({summary['seconds_per_text']:.2f} s per {kind}): mixing ratio after attention + residual"
               f"{' + norm' if summary['post_norm'] else ''} by layer {ratios}; {args.out}/summary.json")
+        return 0
+    if args.command == "debias":
+        from maskkit.debias import debias
+
+        report = debias(args.model, args.out, args.classes, args.template, args.spurious, args.attributes, args.pairs,
+                        args.eval, args.mode, args.lam, args.seed)
+        results = report["results"]
+        for name, row in results.items():
+            print(f"{name:18s} worst group {row['worst_group']:.3f}  average {row['average']:.3f}  gap {row['gap']:.3f}")
+        if "warning" in report:
+            print(f"warning: {report['warning']}")
+        print(f"{args.out}/report.json, projection.safetensors ({report['mode']}, lambda {report['lam']:g})")
         return 0
     if args.command == "export":
         from maskkit.export import export_run
