@@ -21,6 +21,7 @@ whose metadata.csv has the columns filepath, class and group (--eval DIR), or th
 import csv
 import io
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from maskkit.data.images import ImageFolder
 from maskkit.data.shapes import BACKGROUNDS, BIAS_CLASSES, BIAS_SHAPE_COLOURS, BiasedShapes
 from maskkit.errors import MaskkitError
 from maskkit.files import atomic_write_text, pyplot, writing
+
+log = logging.getLogger("maskkit")
 
 LAMBDA_SWEEP = (0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 WORLD = "biased-shapes"
@@ -187,8 +190,12 @@ def folder_images(folder: str, class_names: list[str], size: int, channels: int)
         what = "no group labels" if missing == ["group"] else f"no column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
         raise MaskkitError(f"{metadata}: {what}; its columns are {columns}, debias needs filepath, class and group")
     at = {c: columns.index(c) for c in ("filepath", "class", "group")}
-    entries = [(r[at["filepath"]], r[at["class"]].strip(), r[at["group"]].strip()) for r in rows[1:]
-               if any(field.strip() for field in r) and len(r) >= len(columns)]
+    filled = [r for r in rows[1:] if any(field.strip() for field in r)]          # blank lines left out
+    entries = [(r[at["filepath"]], r[at["class"]].strip(), r[at["group"]].strip()) for r in filled
+               if len(r) >= len(columns)]
+    if len(entries) < len(filled):
+        log.warning("%s: %d rows with fewer fields than its %d columns left out", metadata,
+                                             len(filled) - len(entries), len(columns))
     unknown = sorted({c for _, c, _ in entries} - set(class_names))
     if unknown:
         raise MaskkitError(f"{metadata}: class {unknown[0]!r} is not among --classes ({', '.join(class_names)})")
@@ -206,9 +213,7 @@ def folder_images(folder: str, class_names: list[str], size: int, channels: int)
         else:
             skipped.append(f"{image.path} ({image.reason})")
     if skipped:
-        import logging
-
-        logging.getLogger("maskkit").warning("%d unreadable images left out, e.g. %s", len(skipped), skipped[0])
+        log.warning("%d unreadable images left out, e.g. %s", len(skipped), skipped[0])
     if not images:
         raise MaskkitError(f"{metadata}: none of its {len(entries)} images can be read")
     return GroupedImages(torch.stack(images), torch.tensor(labels), torch.tensor(groups), class_names, group_names,
