@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     debias = sub.add_parser("debias", help="project biased prompt directions out of a two-tower model's zero-shot "
                                            "classifier: maskkit debias RUN --out DIR")
     debias.add_argument("model", help="a maskkit flip run or a Hugging Face CLIP directory")
-    debias.add_argument("--classes", nargs="+", help="the class names (default on --eval biased-shapes: circle square)")
+    debias.add_argument("--classes", nargs="+", help="the class names (default on --eval biased-shapes: circle cross)")
     debias.add_argument("--template", action="append",
                         help="a class prompt with {} for the name (repeat for an ensemble; default \"a photo of a {}.\")")
     debias.add_argument("--spurious", nargs="+", help="prompts that describe only the spurious attribute")

@@ -207,3 +207,19 @@ def test_an_empty_spurious_set_is_refused(tmp_path):
 
     with pytest.raises(MaskkitError, match="the spurious prompt set is empty"):
         spurious_basis(torch.zeros(0, 16))
+
+
+def test_a_spreadsheet_metadata_file_reads_like_a_plain_one_and_a_broken_image_is_left_out(tmp_path, caplog):
+    _, _, directory, _, _ = clip_directory(tmp_path)
+    folder = eval_folder(tmp_path)
+    arguments = dict(classes=["cat", "dog"], spurious=["grass", "water"], mode="projection", evaluation=str(folder))
+    plain = debias(str(directory), tmp_path / "plain", **arguments)
+    rows = (folder / "metadata.csv").read_text().splitlines()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows.append("broken.png,cat,grass")
+    # Excel's "CSV UTF-16" with a byte-order mark, semicolons and CRLF line ends.
+    (folder / "metadata.csv").write_bytes("\r\n".join(r.replace(",", ";") for r in rows).encode("utf-16"))
+    with caplog.at_level("WARNING", logger="maskkit"):
+        sheet = debias(str(directory), tmp_path / "sheet", **arguments)
+    assert "1 unreadable images left out, e.g." in caplog.text and "broken.png" in caplog.text
+    assert sheet["results"] == plain["results"] and sheet["evaluation"].endswith("(8 images)")
