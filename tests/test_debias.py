@@ -223,3 +223,12 @@ def test_a_spreadsheet_metadata_file_reads_like_a_plain_one_and_a_broken_image_i
         sheet = debias(str(directory), tmp_path / "sheet", **arguments)
     assert "1 unreadable images left out, e.g." in caplog.text and "broken.png" in caplog.text
     assert sheet["results"] == plain["results"] and sheet["evaluation"].endswith("(8 images)")
+
+
+@pytest.mark.parametrize("key, value", [("spurious_correlation", 1.5), ("spurious_correlation", float("nan")),
+                                        ("background_mention", -0.1), ("other_kinds", 1.0), ("world_seed", -1)])
+def test_bad_values_of_the_biased_world_are_refused_by_name(key, value):
+    from maskkit.errors import MaskkitError
+
+    with pytest.raises(MaskkitError, match=f"data.{key}"):
+        config_from_dict(flip_config_dict(data={"name": "biased-shapes", key: value}))
