@@ -112,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     debias.add_argument("--seed", type=int, default=0, help="the random control's subspace")
     debias.add_argument("--out", required=True, help="the folder to write (new or empty)")
 
+    profile = sub.add_parser("profile", help="a model's footprint: parameters, size, FLOPs, latency, throughput, "
+                                             "peak memory: maskkit profile MODEL")
+    profile.add_argument("model", help="minilm, a Hugging Face BERT, CLIP or ViT-MAE directory, or a maskkit run")
+    profile.add_argument("--batch", type=int, default=32, help="the throughput and memory batch (default 32)")
+    profile.add_argument("--length", type=int, help="tokens per text (text models; default min(128, context))")
+    profile.add_argument("--image-size", type=int, help="image side (image models; default and only: the model's)")
+    profile.add_argument("--tower", default="", help="image (default) or text, for CLIP and FLIP")
+    profile.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (default 20)")
+    profile.add_argument("--json", help="also write the numbers to this JSON file")
+
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
     copy.add_argument("recipe")
@@ -283,6 +293,26 @@ def run(args) -> int:
         if "warning" in report:
             print(f"warning: {report['warning']}")
         print(f"{args.out}/report.json, projection.safetensors ({report['mode']}, lambda {report['lam']:g})")
+        return 0
+    if args.command == "profile":
+        import dataclasses
+        import json
+
+        import torch
+
+        from maskkit.efficiency.models import load_profiled
+        from maskkit.efficiency.profile import format_table, profile_model
+        from maskkit.files import atomic_write_text
+
+        profiled = load_profiled(args.model, args.length, args.image_size, args.tower)
+        footprint = profile_model(profiled.module, profiled.make_example, args.batch, repeats=args.repeats,
+                                  embedding_tables=profiled.embedding_tables, forward=profiled.forward)
+        print(f"{profiled.description} ({profiled.input}, {footprint.dtype}, {footprint.threads} threads, "
+              f"{footprint.device}, torch {torch.__version__})")
+        print(format_table([(Path(args.model).name or args.model, footprint)]))
+        if args.json:
+            record = {"model": profiled.description, "input": profiled.input, **dataclasses.asdict(footprint)}
+            atomic_write_text(Path(args.json), json.dumps(record, indent=1))
         return 0
     if args.command == "export":
         from maskkit.export import export_run

@@ -20,6 +20,7 @@ LAYERS = [
     ("maskkit.interop", "maskkit.config"),
     ("maskkit.train",),
     ("maskkit.eval", "maskkit.analysis"),
+    ("maskkit.efficiency",),
     ("maskkit.demo", "maskkit.export", "maskkit.distill", "maskkit.analyze", "maskkit.debias"),
     ("maskkit.cli",),
     ("maskkit.__main__",),
