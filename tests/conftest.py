@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from maskkit.config import config_from_dict
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a 2-core machine: one torch thread each (the gloo ranks that a
+    # test spawns inherit OMP_NUM_THREADS), so that the two share the cores instead of oversubscribing them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def tiny_config_dict(**sections) -> dict:

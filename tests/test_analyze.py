@@ -37,7 +37,7 @@ def test_minilm_gives_the_golden_values_and_the_feed_forward_layer_changes_more_
 
 def test_the_folder_holds_maps_vectors_that_sum_to_the_hidden_states_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["analyze", "minilm", "--text", FIVE[1], "--text", FIVE[2], "--out", str(out), "--save-vectors",
+    assert main(["analyze", "minilm", "--text", FIVE[1], "--text", FIVE[0], "--out", str(out), "--save-vectors",
                  "--no-progress"]) == 0
     assert "analyzed 2 text(s) through all-MiniLM-L6-v2" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
