@@ -83,10 +83,12 @@ def load_profiled(source: str, length: int | None = None, image_size: int | None
 def _two_towers(description: str, model, length, image_size, tower: str) -> Profiled:
     """CLIP or FLIP: the image tower with its projection (encode_image), or the text tower (encode_text)."""
     if tower == "text" or length is not None:
-        profiled = text_profiled(f"{description}, text tower", model, model.text, length)
+        text_tower = nn.ModuleList([model.text, model.text_projection])       # what encode_text runs, counted alone
+        profiled = text_profiled(f"{description}, text tower", text_tower, model.text, length)
         profiled.forward = model.encode_text
         return profiled
-    return image_profiled(f"{description}, image tower", model, model.encoder, image_size, model.encode_image)
+    image_tower = nn.ModuleList([model.encoder, model.image_projection])
+    return image_profiled(f"{description}, image tower", image_tower, model.encoder, image_size, model.encode_image)
 
 
 def _hf(path: Path, length, image_size, tower) -> Profiled:

@@ -117,3 +117,21 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys, tiny_config):
     fails([str(tmp_path / "mae"), "--length", "8"], "is an image model")
     fails([str(tmp_path / "mae"), "--tower", "text"], "has one tower")
     fails([str(tmp_path / "mae"), "--batch", str(2**40), "--repeats", "1"], f"--batch {2**40} does not fit in memory")
+
+
+def test_a_flip_run_is_profiled_one_tower_at_a_time(tmp_path):
+    from maskkit.config import config_from_dict
+    from maskkit.eval.run import method_from_checkpoint
+    from maskkit.train.checkpoint import find_checkpoint
+    from maskkit.train.loop import train
+    from tests.methods.test_flip import flip_config_dict
+
+    train(config_from_dict(flip_config_dict(train={"steps": 3})), tmp_path / "flip", progress=False)
+    flip = method_from_checkpoint(find_checkpoint(tmp_path / "flip"))[0]
+    image, text = load_profiled(str(tmp_path / "flip")), load_profiled(str(tmp_path / "flip"), tower="text")
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())       # noqa: E731
+    assert parameter_counts(image.module)[0] == count(flip.encoder, flip.image_projection)
+    assert parameter_counts(text.module, text.embedding_tables)[0] == count(flip.text, flip.text_projection)
+    ids, mask = text.make_example(2)
+    assert ids.shape == (2, 16) and text.forward(ids, mask).shape == (2, 16)              # embed_dim 16
+    assert image.forward(*image.make_example(3)).shape == (3, 16)
