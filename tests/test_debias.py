@@ -93,6 +93,19 @@ def test_a_hugging_face_clip_directory_gets_the_projection_of_its_own_text_featu
         assert report["results"][name]["average"] == pytest.approx(accuracy)
     assert report["groups"] == ["grass", "water"] and report["spurious_rank"] == 4
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "projection.safetensors", "report.json"]
+    # The calibrated P of a pairs file (pairs by index and by text) is P0 (lambda M + I)^-1 of CLIPModel's features.
+    prompts = ["a photo of a cat on grass", "a photo of a cat on water", "the dog in snow", "the dog on sand"]
+    (tmp_path / "pairs.json").write_text(json.dumps({"prompts": prompts, "pairs": [[0, 1], ["the dog in snow", 3]]}))
+    assert main(["debias", str(directory), "--classes", "cat", "dog", "--spurious", *spurious, "--pairs",
+                 str(tmp_path / "pairs.json"), "--lam", "10", "--eval", str(folder), "--out", str(tmp_path / "cal")]) == 0
+    from maskkit.analysis.debias import calibrated_projection, pair_matrix
+
+    expected = calibrated_projection(expected_p0, pair_matrix(features(prompts), [(0, 1), (2, 3)]), 10.0)
+    written = load_file(tmp_path / "cal" / "projection.safetensors")["projection"]
+    # lambda 10 scales the towers' float32 differences by up to lambda; measured 2026-12-03 on Intel: 4.0e-7 under
+    # ATEN_CPU_CAPABILITY=default, 4.6e-7 under avx2; 1e-5 leaves a factor of 20 for other processors' kernels.
+    torch.testing.assert_close(written, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "cal" / "lambda_sweep.png").is_file()
 
 
 def flip_run(tmp_path, steps: int = 2):
