@@ -87,7 +87,8 @@ def pair_matrix(embeddings: torch.Tensor, pairs: list[tuple[int, int]]) -> torch
 def calibrated_projection(p0: torch.Tensor, m: torch.Tensor, lam: float) -> torch.Tensor:
     """P* = P0 (lambda M + I)^-1, the minimiser of ||P - P0||_F^2 + lambda tr(P M P^T).
 
-    lambda M + I is symmetric positive definite, so a Cholesky solve gives it: P*^T = (lambda M + I)^-1 P0^T.
+    lambda M + I is symmetric positive definite (never singular), so P*^T = (lambda M + I)^-1 P0^T is one linear
+    solve, without forming the inverse.
     """
     if lam < 0:
         raise MaskkitError(f"--lam {lam:g}: the calibration weight lambda must be >= 0")
