@@ -245,3 +245,13 @@ def test_bad_values_of_the_biased_world_are_refused_by_name(key, value):
 
     with pytest.raises(MaskkitError, match=f"data.{key}"):
         config_from_dict(flip_config_dict(data={"name": "biased-shapes", key: value}))
+
+
+def test_training_on_the_biased_world_resumes_bitwise_across_an_epoch(tmp_path):
+    from tests.helpers import assert_bitwise_equal, resumed_and_straight
+
+    # 64 images in batches of 16: an epoch is 4 steps; stopped at 3, resumed to 6.
+    cfg = config_from_dict(flip_config_dict(data={"name": "biased-shapes", "num_samples": 64, "world_seed": 3},
+                                            model={"unmasked_steps": 1}, train={"steps": 6, "checkpoint_every": 3}))
+    straight, resumed = resumed_and_straight(cfg, tmp_path, stop_at=3)
+    assert_bitwise_equal(straight, resumed)
