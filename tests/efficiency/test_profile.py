@@ -135,3 +135,25 @@ def test_a_flip_run_is_profiled_one_tower_at_a_time(tmp_path):
     ids, mask = text.make_example(2)
     assert ids.shape == (2, 16) and text.forward(ids, mask).shape == (2, 16)              # embed_dim 16
     assert image.forward(*image.make_example(3)).shape == (3, 16)
+
+
+def test_hugging_face_directories_are_profiled_with_their_own_counts(tmp_path, capsys):
+    from tests.interop.test_hf_clip import random_clip
+
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    profiled = load_profiled(str(tmp_path / "bert"), length=12)
+    assert parameter_counts(profiled.module, profiled.embedding_tables)[:3:2] == (
+        bert.num_parameters(), bert.num_parameters() - 99 * 32)
+    clip = random_clip(seed=1)
+    clip.save_pretrained(tmp_path / "clip")
+    image = load_profiled(str(tmp_path / "clip"))
+    vision = sum(p.numel() for p in clip.vision_model.parameters()) + clip.visual_projection.weight.numel()
+    assert parameter_counts(image.module)[0] == vision and image.input == "32 px"
+    text = load_profiled(str(tmp_path / "clip"), tower="text")
+    assert parameter_counts(text.module)[0] == sum(p.numel() for p in clip.text_model.parameters()) + \
+        clip.text_projection.weight.numel()
+    capsys.readouterr()
+    assert main(["profile", str(tmp_path / "bert"), "--length", "12", "--batch", "2", "--repeats", "2"]) == 0
+    assert "Hugging Face bert" in capsys.readouterr().out
