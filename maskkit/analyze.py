@@ -47,7 +47,7 @@ from maskkit.data.images import IMAGE_EXTENSIONS, ImageFolder
 from maskkit.data.tokenizer import Tokenizer, minilm_tokenizer_file
 from maskkit.errors import MaskkitError
 from maskkit.files import atomic_write_text, pyplot, writing
-from maskkit.interop.hf import HF_IMAGE_DEFAULTS, hf_normalisation
+from maskkit.interop.hf import HF_IMAGE_DEFAULTS, hf_model_type, hf_normalisation, load_hf_tokenizer
 from maskkit.nn.transformer import Block, TextTransformer, ViT
 
 # The component each contextualization change measures: (the map before it, the map after it), per block type.
@@ -91,11 +91,7 @@ def load_subject(source: str) -> Subject:
 
 
 def _hf_subject(path: Path) -> Subject:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise MaskkitError(f"{path / 'config.json'}: not valid JSON ({error})") from None
-    family = config.get("model_type", "")
+    family = hf_model_type(path)
     description = f"Hugging Face {family or 'model'} {path}"
     if family in HF_IMAGE_DEFAULTS:
         mean, std = hf_normalisation(path, family)
@@ -133,12 +129,14 @@ def _run_subject(path: Path) -> Subject:
     if text is not None:
         subject.text = _checked(text, str(path))
         tokenizer_file = run / "tokenizer.json"
-        if tokenizer_file.is_file():
-            tokenizer = Tokenizer.from_file(tokenizer_file, subject.text.cfg.context_length)
-        elif cfg.data.kind == "pairs":          # a flip run from before pairs pinned theirs: learnt again, as eval does
+        if cfg.data.kind == "pairs":
+            # The vocabulary pinned in the run; a flip run from before pairs pinned theirs learns it again, as eval does.
             from maskkit.data.pairs import pair_tokenizer
+            from maskkit.data.text import run_vocabulary
 
-            tokenizer = pair_tokenizer(cfg.data)
+            tokenizer = pair_tokenizer(run_vocabulary(cfg.data, run))
+        elif tokenizer_file.is_file():
+            tokenizer = Tokenizer.from_file(tokenizer_file, subject.text.cfg.context_length)
         else:
             raise MaskkitError(f"{path}: its tokenizer.json ({tokenizer_file}) is missing")
         subject.tokenize = _maskkit_tokenize(tokenizer)
@@ -171,18 +169,9 @@ def _hf_tokenize(path: Path):
     loaded when texts come (a CLIP directory read for its images needs none)."""
 
     def tokenize(texts: list[str], context_length: int):
-        from maskkit.interop.hf import _import_transformers, quiet_transformers
+        from maskkit.interop.hf import quiet_transformers
 
-        transformers = _import_transformers()
-        if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
-            raise MaskkitError(f"{path}: no tokenizer files (tokenizer.json, vocab.txt or vocab.json) beside the model; "
-                               "save the tokenizer into the directory too")
-        try:
-            with quiet_transformers():
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise MaskkitError(f"{path}: its tokenizer cannot be loaded ({first})") from None
+        tokenizer = load_hf_tokenizer(path)
         with quiet_transformers():
             ids = [tokenizer(text)["input_ids"] for text in texts]
         return _within(ids, tokenizer.convert_ids_to_tokens, context_length), set(tokenizer.all_special_ids)

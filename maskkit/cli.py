@@ -295,7 +295,6 @@ def run(args) -> int:
         print(f"{args.out}/report.json, projection.safetensors ({report['mode']}, lambda {report['lam']:g})")
         return 0
     if args.command == "profile":
-        import dataclasses
         import json
 
         import torch
@@ -311,7 +310,7 @@ def run(args) -> int:
               f"{footprint.device}, torch {torch.__version__})")
         print(format_table([(Path(args.model).name or args.model, footprint)]))
         if args.json:
-            record = {"model": profiled.description, "input": profiled.input, **dataclasses.asdict(footprint)}
+            record = {"model": profiled.description, "input": profiled.input, **footprint.as_dict()}
             atomic_write_text(Path(args.json), json.dumps(record, indent=1))
         return 0
     if args.command == "export":

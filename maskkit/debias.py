@@ -120,22 +120,15 @@ def _flip_run(path: Path) -> TwoTowers:
 
 
 def _hf_clip(path: Path) -> TwoTowers:
-    from maskkit.interop.hf import _import_transformers, hf_normalisation, quiet_transformers
+    from maskkit.interop.hf import hf_model_type, hf_normalisation, load_hf_tokenizer, quiet_transformers
     from maskkit.interop.hf_clip import load_hf_clip
 
-    try:
-        family = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise MaskkitError(f"{path / 'config.json'}: not valid JSON ({error})") from None
+    family = hf_model_type(path)
     if family != "clip":
         raise MaskkitError(f"{path}: a Hugging Face {family or 'model'} directory has no text and image towers; debias "
                            "needs a two-tower model (CLIP, or a maskkit flip run)")
-    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        raise MaskkitError(f"{path}: no tokenizer files (tokenizer.json or vocab.json) beside the model")
+    tokenizer = load_hf_tokenizer(path)
     clip = load_hf_clip(path).eval()
-    transformers = _import_transformers()
-    with quiet_transformers():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     @torch.no_grad()
     def encode_texts(texts: list[str]) -> torch.Tensor:
@@ -320,7 +313,6 @@ def debias(source: str, out_dir: str | Path, classes: list[str] | None = None, t
         classes, templates = classes or list(BIAS_CLASSES), templates or list(WORLD_TEMPLATES)
         spurious, attributes = spurious or list(WORLD_SPURIOUS), attributes or list(WORLD_ATTRIBUTES)
     templates = templates or ["a photo of a {}."]
-    _check_templates(templates)
     if not classes or len(classes) < 2 or len(set(classes)) != len(classes):
         raise MaskkitError(f"--classes {classes}: give two or more distinct class names")
     if not spurious:

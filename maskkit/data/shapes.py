@@ -185,15 +185,18 @@ class BiasedShapes(Dataset):
 
     def caption(self, i: int) -> str:
         _, a, shape, u = self.describe(i)
+        return self._caption(a, shape, u)
+
+    def _caption(self, a: int, shape: Shape, u: float) -> str:
         text = _describe(shape, 1.0)                              # "a small red circle": size always named
         return f"{text} on a {list(BACKGROUNDS)[a]} background" if u < self.mention else text
 
     def __getitem__(self, i: int) -> dict:
-        y, a, shape, _ = self.describe(i)
+        y, a, shape, u = self.describe(i)                         # once per item: the loader's hot path
         side = self.image_size
         noise = torch.rand(3, side, side, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 97 * i
                                                                                   + self.SPLITS[self.split]))
         image = torch.tensor(BACKGROUNDS[list(BACKGROUNDS)[a]])[:, None, None] * (0.8 + 0.4 * noise)
         image[:, _draw(shape, side, BIAS_SCALE)] = torch.tensor(COLOURS[shape.colour])[:, None]
-        return {"images": to_channels(image.clamp(0, 1), self.channels), "text": self.caption(i),
+        return {"images": to_channels(image.clamp(0, 1), self.channels), "text": self._caption(a, shape, u),
                 "label": torch.tensor(y), "group": torch.tensor(a)}

@@ -6,7 +6,6 @@ its own size. A maskkit run is its backbone (the network exported for downstream
 classifier its whole classifier; CLIP and FLIP their image tower, or their text tower with tower="text".
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,10 +91,9 @@ def _two_towers(description: str, model, length, image_size, tower: str) -> Prof
 
 
 def _hf(path: Path, length, image_size, tower) -> Profiled:
-    try:
-        family = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise MaskkitError(f"{path / 'config.json'}: not valid JSON ({error})") from None
+    from maskkit.interop.hf import hf_model_type
+
+    family = hf_model_type(path)
     description = f"Hugging Face {family or 'model'} {path}"
     if family == "clip":
         from maskkit.interop.hf_clip import load_hf_clip

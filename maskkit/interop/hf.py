@@ -326,3 +326,29 @@ def hf_normalisation(path: Path, family: str) -> tuple[list[float], list[float]]
             raise MaskkitError(f"{preprocessor}: not valid JSON ({error})") from None
         mean, std = config.get("image_mean", mean), config.get("image_std", std)
     return list(mean), list(std)
+
+
+def hf_model_type(path: Path) -> str:
+    """The model_type of a Hugging Face directory's config.json ("" when it names none); a file that is not JSON
+    fails naming it."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MaskkitError(f"{Path(path) / 'config.json'}: not valid JSON ({error})") from None
+    return config.get("model_type", "") if isinstance(config, dict) else ""
+
+
+def load_hf_tokenizer(path: Path):
+    """The directory's own tokenizer (transformers.AutoTokenizer, offline); missing or unloadable files fail in one
+    line."""
+    path = Path(path)
+    transformers = _import_transformers()
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        raise MaskkitError(f"{path}: no tokenizer files (tokenizer.json, vocab.txt or vocab.json) beside the model; "
+                           "save the tokenizer into the directory too")
+    try:
+        with quiet_transformers():
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MaskkitError(f"{path}: its tokenizer cannot be loaded ({first})") from None
