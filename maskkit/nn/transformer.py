@@ -7,7 +7,7 @@ before the encoder runs (MAE Sec 3, FLIP Sec 3).
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from maskkit.errors import MaskkitError, require, require_float, require_int
 from maskkit.nn.masking import gather_tokens
 from maskkit.nn.pos_embed import sincos_2d
+from maskkit.nn.quantized import quantize_linears
 
 
 @contextlib.contextmanager
@@ -39,25 +40,31 @@ class Attention(nn.Module):
     concatenated with the segment), with the same projection weights.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True, head_dim: int = 0):
         super().__init__()
-        if dim % num_heads:
+        if not head_dim and dim % num_heads:
             raise MaskkitError(f"width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        # head_dim: the width of each head, dim // num_heads unless given (a pruned layer keeps its heads' width
+        # with fewer heads, so num_heads * head_dim < dim: maskkit compress --prune-heads).
+        self.num_heads, self.head_dim = num_heads, head_dim or dim // num_heads
+        inner = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        # (H,) multipliers of the heads' outputs, set only while compress measures each head's importance
+        # (Michel et al. 2019, Sec 4.1: the head mask xi_h); None runs nothing.
+        self.head_gate: torch.Tensor | None = None
 
     def heads(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """(q, k, v), each (B, H, L, D/H): queries from `x` (B, Lq, D), keys and values from `context`
         (B, Lk, D), which defaults to `x` (one fused matmul then)."""
-        batch, length, dim = x.shape
-        head_dim = dim // self.num_heads
+        batch, length, _ = x.shape
+        head_dim, inner = self.head_dim, self.num_heads * self.head_dim
         if context is None:
             qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
             return qkv.permute(2, 0, 3, 1, 4).unbind(0)
         weight, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x, weight[:dim], None if bias is None else bias[:dim])
-        kv = F.linear(context, weight[dim:], None if bias is None else bias[dim:])
+        q = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
+        kv = F.linear(context, weight[inner:], None if bias is None else bias[inner:])
         q = q.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
         k, v = kv.reshape(batch, context.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
@@ -73,6 +80,8 @@ class Attention(nn.Module):
     def _merge(self, out: torch.Tensor) -> torch.Tensor:
         """(B, H, L, D/H) per-head outputs -> (B, L, D), projected."""
         batch, heads, length, head_dim = out.shape
+        if self.head_gate is not None:
+            out = out * self.head_gate[:, None, None].to(out.dtype)
         return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
@@ -101,10 +110,15 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.activation = activation
+        # (hidden_dim,) multipliers of the neurons' activations, set only while compress measures each neuron's
+        # importance (as Attention.head_gate); None runs nothing.
+        self.neuron_gate: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
         x = x * torch.sigmoid(1.702 * x) if self.activation == "quick_gelu" else F.gelu(x)
+        if self.neuron_gate is not None:
+            x = x * self.neuron_gate.to(x.dtype)
         return self.fc2(x)
 
 
@@ -114,13 +128,13 @@ class Block(nn.Module):
     LN(x + MLP(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6,
-                 activation: str = "gelu", post_norm: bool = False):
+                 activation: str = "gelu", post_norm: bool = False, head_dim: int = 0, hidden_dim: int = 0):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, head_dim=head_dim)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), activation)
+        self.mlp = MLP(dim, hidden_dim or int(dim * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         return self._residuals(x, lambda h: self.attn(h, attn_mask=attn_mask, is_causal=is_causal))
@@ -163,6 +177,13 @@ class ViTConfig:
     pre_norm: bool = False
     activation: str = "gelu"         # gelu | quick_gelu
     patch_bias: bool = True
+    # What `maskkit compress` leaves (0 / [] / "" = none): the width of each head when heads were pruned (0 =
+    # dim // num_heads), each layer's number of heads and of feed-forward neurons (structured pruning; [] = num_heads
+    # and int(dim * mlp_ratio) in every layer), and "int8" for int8 Linear layers in the blocks (maskkit.nn.quantized).
+    head_dim: int = 0
+    layer_heads: list[int] = field(default_factory=list)
+    layer_hidden: list[int] = field(default_factory=list)
+    quantize: str = ""
 
     def check(self, source: str, prefix: str = "model.encoder") -> None:
         """Each field's valid range, named `PREFIX.FIELD` in the error."""
@@ -182,6 +203,28 @@ class ViTConfig:
                     f"divisible by {prefix}.num_heads={self.num_heads}")
         check_mlp_ratio(source, f"{prefix}.mlp_ratio", self.mlp_ratio, self.dim)
         require_float(source, f"{prefix}.norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
+        check_layer_shapes(self, source, prefix)
+
+
+def check_layer_shapes(cfg, source: str, prefix: str) -> None:
+    """head_dim, layer_heads, layer_hidden and quantize of a ViTConfig or TextConfig (what compress writes)."""
+    require_int(source, f"{prefix}.head_dim", cfg.head_dim, 0)
+    for key in ("layer_heads", "layer_hidden"):
+        values = getattr(cfg, key)
+        require(isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                 for v in values), source, f"{prefix}.{key}", values,
+                "a list of positive integers, one per layer")
+        require(not values or len(values) == cfg.depth, source, f"{prefix}.{key}", values,
+                f"one value per layer ({cfg.depth}, {prefix}.depth)")
+    require(cfg.quantize in ("", "int8"), source, f"{prefix}.quantize", cfg.quantize, "'' (none) or int8")
+
+
+def layer_shapes(cfg) -> list[tuple[int, int, int]]:
+    """(heads, head width, feed-forward neurons) of each layer of a ViTConfig or TextConfig."""
+    head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
+    heads = cfg.layer_heads or [cfg.num_heads] * cfg.depth
+    hidden = cfg.layer_hidden or [int(cfg.dim * cfg.mlp_ratio)] * cfg.depth
+    return [(h, head_dim, f) for h, f in zip(heads, hidden, strict=True)]
 
 
 def check_width(source: str, key: str, dim: int, num_heads: int, heads_key: str) -> None:
@@ -220,11 +263,14 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", table, persistent=False)
         self.norm_pre = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.activation)
-            for _ in range(cfg.depth)
+            Block(cfg.dim, heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.activation, head_dim=head_dim,
+                  hidden_dim=hidden)
+            for heads, head_dim, hidden in layer_shapes(cfg)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self._init_weights()
+        if cfg.quantize:
+            quantize_linears(self.blocks)
 
     def _init_weights(self):
         # MAE's init: patch projection like a linear layer, xavier-uniform linears, small normal tokens.
@@ -316,6 +362,13 @@ class TextConfig:
     type_vocab_size: int = 0
     padding_idx: int = -1
     pooler: bool = False
+    # What `maskkit compress` leaves (0 / [] / "" = none): the width of each head when heads were pruned (0 =
+    # dim // num_heads), each layer's number of heads and of feed-forward neurons (structured pruning; [] = num_heads
+    # and int(dim * mlp_ratio) in every layer), and "int8" for int8 Linear layers in the blocks (maskkit.nn.quantized).
+    head_dim: int = 0
+    layer_heads: list[int] = field(default_factory=list)
+    layer_hidden: list[int] = field(default_factory=list)
+    quantize: str = ""
 
     def check(self, source: str, prefix: str = "model.text") -> None:
         require_int(source, f"{prefix}.vocab_size", self.vocab_size, 2)
@@ -335,6 +388,7 @@ class TextConfig:
         require_int(source, f"{prefix}.padding_idx", self.padding_idx, -1, self.vocab_size - 1)
         require(not (self.post_norm and self.causal), source, f"{prefix}.post_norm", self.post_norm,
                 f"false with {prefix}.causal=true (post-norm is BERT's encoder, which is bidirectional)")
+        check_layer_shapes(self, source, prefix)
 
 
 @dataclass
@@ -368,8 +422,8 @@ class TextTransformer(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.dim))
         self.token_type_embedding = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size else None
         self.embedding_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.embedding_norm else None
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, True, cfg.norm_eps, cfg.activation,
-                                          cfg.post_norm) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.dim, heads, cfg.mlp_ratio, True, cfg.norm_eps, cfg.activation,
+                                          cfg.post_norm, head_dim, hidden) for heads, head_dim, hidden in layer_shapes(cfg))
         self.norm = None if cfg.post_norm else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None
         if cfg.post_norm:
@@ -379,6 +433,8 @@ class TextTransformer(nn.Module):
         if self.token_embedding.padding_idx is not None:
             with torch.no_grad():
                 self.token_embedding.weight[self.token_embedding.padding_idx].zero_()
+        if cfg.quantize:
+            quantize_linears(self.blocks)
 
     def _init_pre_norm(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
