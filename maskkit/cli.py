@@ -121,6 +121,24 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--tower", default="", help="image (default) or text, for CLIP and FLIP")
     profile.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (default 20)")
     profile.add_argument("--json", help="also write the numbers to this JSON file")
+    profile.add_argument("--compile", action="store_true", help="time torch.compile(model) (int8 models need it to be "
+                                                                  "fast on a CPU)")
+    compress = sub.add_parser("compress", help="quantize or prune a run's model, re-evaluated and re-profiled: "
+                                               "maskkit compress RUN --quantize int8 --out DIR")
+    compress.add_argument("run", help="a maskkit run or checkpoint")
+    how = compress.add_mutually_exclusive_group(required=True)
+    how.add_argument("--quantize", help="int8: int8 weights and activations in the blocks' Linear layers")
+    how.add_argument("--prune-heads", type=int, help="remove K attention heads in all (least important first)")
+    how.add_argument("--prune-ffn", type=float, help="remove this fraction of each layer's feed-forward neurons")
+    how.add_argument("--prune-unstructured", type=float, help="zero this fraction of the blocks' Linear weights")
+    compress.add_argument("--out", required=True, help="the compressed run (a new folder)")
+    compress.add_argument("--batches", type=int, default=8, help="training batches the importance scores read (8)")
+    compress.add_argument("--test", help="a classifier's test documents (JSON lines of text, label; default "
+                                         "RUN/../test.jsonl, which maskkit distill writes)")
+    compress.add_argument("--batch", type=int, default=32, help="the throughput batch of the profiles (32)")
+    compress.add_argument("--length", type=int, help="tokens per text in the profiles (default min(128, context))")
+    compress.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
+    compress.add_argument("--compile", action="store_true", help="profile torch.compile(model), before and after")
 
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
@@ -305,13 +323,35 @@ def run(args) -> int:
 
         profiled = load_profiled(args.model, args.length, args.image_size, args.tower)
         footprint = profile_model(profiled.module, profiled.make_example, args.batch, repeats=args.repeats,
-                                  embedding_tables=profiled.embedding_tables, forward=profiled.forward)
+                                  embedding_tables=profiled.embedding_tables, forward=profiled.forward,
+                                  compile=args.compile)
         print(f"{profiled.description} ({profiled.input}, {footprint.dtype}, {footprint.threads} threads, "
               f"{footprint.device}, torch {torch.__version__})")
         print(format_table([(Path(args.model).name or args.model, footprint)]))
         if args.json:
             record = {"model": profiled.description, "input": profiled.input, **footprint.as_dict()}
             atomic_write_text(Path(args.json), json.dumps(record, indent=1))
+        return 0
+    if args.command == "compress":
+        from maskkit.efficiency.compress import compress
+
+        for operation in ("quantize", "prune_heads", "prune_ffn", "prune_unstructured"):
+            if getattr(args, operation) is not None:
+                break
+        if args.batches < 1:
+            raise MaskkitError(f"--batches {args.batches}: at least 1")
+        report = compress(args.run, operation, getattr(args, operation), args.out, batches=args.batches,
+                          test=args.test, batch=args.batch, length=args.length, compile=args.compile,
+                          repeats=args.repeats)
+        b, a, r = report["before"], report["after"], report["ratios"]
+        print(f"{operation.replace('_', '-')} {report['amount']}: {b['quality']['metric']} "
+              f"{b['quality']['value']:.3f} -> {a['quality']['value']:.3f} ({100 * r['quality_change']:+.1f} points)")
+        print(f"size x{r['size']:.3f} (the blocks' Linear weights x{r['linear_weights']:.3f}), parameters x{r['parameters']:.3f}, FLOPs x{r['flops']:.3f}, latency (batch 1) "
+              f"{r['latency_speedup']:.2f}x faster, throughput (batch {a['footprint']['batch']}) "
+              f"{r['throughput_speedup']:.2f}x" + (" (compiled)" if args.compile else ""))
+        if "sparsity" in report:
+            print(f"sparsity {report['sparsity']:.3f} of the blocks' Linear weights; {report['note']}")
+        print(f"{report['out']}: a run (maskkit eval / export / profile it); {report['out']}/compress.json")
         return 0
     if args.command == "export":
         from maskkit.export import export_run

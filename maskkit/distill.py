@@ -29,6 +29,7 @@ from maskkit.config import Config, load_config
 from maskkit.data.text import build_document_dataset
 from maskkit.data.tokenizer import Tokenizer, minilm_tokenizer_file
 from maskkit.errors import MaskkitError
+from maskkit.eval.text import task_accuracy
 from maskkit.files import atomic_write_text, writing
 from maskkit.methods.tinybert import augment_documents, load_teacher, save_teacher
 from maskkit.nn.transformer import SequenceClassifier, TextTransformer, trim_padding
@@ -96,10 +97,11 @@ def distill(recipe: str, overrides: list[str], run_dir: str | Path, resume: bool
         _save_hf(student.model, run_dir / "hf", tokenizer_path)
 
     test, test_labels = test_documents(stage("teacher"))
+    write_test_documents(stage("teacher"), run_dir / "test.jsonl")
     summary = {"teacher": str(base.model.teacher), "labels": list(task_model.labels),
                "task_documents": _count_lines(task_file),
-               "teacher_test_accuracy": accuracy(task_model, test, task_model.labels, test_labels),
-               "student_test_accuracy": accuracy(student.model, test, student.model.labels, test_labels),
+               "teacher_test_accuracy": task_accuracy(task_model, test, task_model.labels, test_labels),
+               "student_test_accuracy": task_accuracy(student.model, test, student.model.labels, test_labels),
                "num_test": len(test.labels), "augmented_documents": _count_lines(augmented),
                "seconds": round(time.perf_counter() - started, 1), "student_hf": str(run_dir / "hf"),
                "teacher_hf": str(run_dir / "teacher_hf")}
@@ -281,18 +283,19 @@ def test_documents(cfg: Config):
     return dataset.dataset, names
 
 
-@torch.no_grad()
-def accuracy(model: SequenceClassifier, documents, model_labels: list[str], data_labels: list[str],
-             batch_size: int = 64) -> float:
-    """Test accuracy of `model` on labelled documents (their labels index `data_labels`, mapped by name)."""
-    model.eval()
-    # A class the model does not know counts as wrong (index -1 matches no prediction).
-    order = torch.tensor([model_labels.index(name) if name in model_labels else -1 for name in data_labels])
-    correct = 0
-    for start in range(0, len(documents), batch_size):
-        ids, mask = trim_padding(documents.ids[start:start + batch_size], documents.attention_mask[start:start + batch_size])
-        correct += int((model(ids, mask).argmax(-1) == order[documents.labels[start:start + batch_size]]).sum())
-    return correct / len(documents)
+def write_test_documents(cfg: Config, path: Path) -> None:
+    """RUN/test.jsonl: the labelled test documents the accuracies are measured on ({"text", "label" name}), which
+    `maskkit compress` and `maskkit pareto` measure a stage's model on."""
+    from maskkit.data.text import read_corpus, split_documents
+
+    if path.is_file():
+        return
+    corpus = read_corpus(cfg.data)
+    documents = [d for d in split_documents(corpus.documents, cfg.data.split, cfg.data.split_seed, "test")
+                 if d.label >= 0]
+    lines = [json.dumps({"text": d.text, "label": corpus.label_names[d.label]}) for d in documents]
+    with writing(path):
+        atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _count_lines(path: Path) -> int:

@@ -22,6 +22,8 @@ from maskkit.errors import MaskkitError
 from maskkit.eval.run import method_from_checkpoint
 from maskkit.files import writing
 from maskkit.methods.mlm import MLM, MLMConfig
+from maskkit.nn.pruning import densify
+from maskkit.nn.transformer import TextTransformer, ViT
 from maskkit.train.checkpoint import find_checkpoint
 
 FORMATS = ("hf",)
@@ -38,6 +40,12 @@ def export_run(path: str | Path, to: str, directory: str | Path) -> str:
         raise MaskkitError(f"{directory} exists and is not an empty folder; export into a new one (nothing was written)")
     checkpoint = find_checkpoint(path)
     method, cfg = method_from_checkpoint(checkpoint)
+    for module in list(method.modules()):
+        # A compressed run (maskkit compress): Hugging Face's layers are uniform and float, so pruned heads and
+        # neurons go back as zeros and int8 weights as their float values; the exported model computes the same.
+        if isinstance(module, (ViT, TextTransformer)) and (module.cfg.quantize or module.cfg.layer_heads
+                                                           or module.cfg.layer_hidden):
+            densify(module)
     if cfg.method not in TWINS:
         raise MaskkitError(f"{cfg.method} has no Hugging Face twin to export to (export knows "
                            f"{', '.join(f'{m} -> {t}' for m, t in TWINS.items())}); its backbone is in "

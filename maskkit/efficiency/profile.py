@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from maskkit.errors import MaskkitError
+from maskkit.nn.quantized import Int8Linear
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Footprint:
     threads: int
     device: str
     dtype: str
+    compiled: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +60,10 @@ class Footprint:
 def parameter_counts(model: nn.Module, embedding_tables: list[nn.Parameter] = ()) -> tuple[int, int, int]:
     """(total, trainable, total minus the given lookup tables); a parameter shared by two modules counts once."""
     unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
+    # An int8 layer's weights are buffers (maskkit.nn.quantized), but they are still the model's parameters.
+    int8 = sum(m.weight_int8.numel() + m.weight_scale.numel() + (0 if m.bias is None else m.bias.numel())
+               for m in model.modules() if isinstance(m, Int8Linear))
+    total = sum(p.numel() for p in unique.values()) + int8
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
     tables = sum(t.numel() for t in {id(t): t for t in embedding_tables}.values() if id(t) in unique)
     return total, trainable, total - tables
@@ -85,12 +90,17 @@ def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def flops_per_example(model: Callable, example: tuple, batch: int) -> float:
     """FLOPs of one forward at `batch`, per example. torch's counter has no formula for the CPU flash-attention
     kernel that scaled_dot_product_attention runs on CPU (it would count attention as 0); it gets the one the
     GPU kernels use, 4 * B * H * Lq * Lk * d."""
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     mapping = {cpu_attention: _attention_flops} if cpu_attention is not None else {}
+    mapping[torch.ops.aten._int_mm] = _int_mm_flops         # int8 layers: a multiply-add counts 2 as in float
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(*example)
     return counter.get_total_flops() / batch
@@ -176,9 +186,12 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch: int = 32, warmup: int = 3,
-                  repeats: int = 20, embedding_tables: list[nn.Parameter] = (), forward: Callable | None = None) -> Footprint:
+                  repeats: int = 20, embedding_tables: list[nn.Parameter] = (), forward: Callable | None = None,
+                  compile: bool = False) -> Footprint:
     """The footprint of `model`: `make_example(n)` gives the positional inputs of a batch of n examples (on the
-    model's device), `forward(*inputs)` runs it (default: the model itself)."""
+    model's device), `forward(*inputs)` runs it (default: the model itself). With `compile` the latency and
+    throughput are those of torch.compile(forward) (compiled before the warm-up; FLOPs and memory are counted
+    eagerly, as they are the same computation)."""
     if batch < 1 or warmup < 0 or repeats < 1:
         raise MaskkitError(f"profile needs batch >= 1, warmup >= 0 and repeats >= 1 (got {batch}, {warmup}, {repeats})")
     parameter = next(model.parameters(), None)
@@ -186,6 +199,7 @@ def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch:
         raise MaskkitError(f"a {type(model).__name__} has no parameters: nothing to profile")
     device, dtype = parameter.device, parameter.dtype
     run = forward or model
+    timed_run = torch.compile(run, dynamic=False) if compile else run
     was_training = model.training
     model.eval()
     total, trainable, without_tables = parameter_counts(model, embedding_tables)
@@ -194,11 +208,11 @@ def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch:
     try:
         with torch.inference_mode():
             one, many = make_example(1), make_example(batch)
-            latency = timed(run, one, warmup, repeats, device)
+            latency = timed(timed_run, one, max(warmup, 2 if compile else 0), repeats, device)
             flops = flops_per_example(run, many, batch)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            throughput_times = timed(run, many, min(warmup, 2), max(3, repeats // 4), device)
+            throughput_times = timed(timed_run, many, max(min(warmup, 2), 2 if compile else 0), max(3, repeats // 4), device)
             cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             activations = activation_peak(run, many)
     except (RuntimeError, MemoryError) as error:
@@ -215,7 +229,7 @@ def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch:
         throughput_per_s=batch / statistics.median(throughput_times), batch=batch,
         peak_memory_bytes=weight_bytes + activations, activation_peak_bytes=activations,
         cuda_max_allocated_bytes=cuda_peak, threads=torch.get_num_threads(), device=str(device),
-        dtype=str(dtype).removeprefix("torch."))
+        dtype=str(dtype).removeprefix("torch."), compiled=compile)
 
 
 def format_table(rows: list[tuple[str, Footprint]]) -> str:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from maskkit.config import OptimConfig
 from maskkit.data.tokenizer import SpecialIds
 from maskkit.errors import MaskkitError
-from maskkit.nn.transformer import LMHead, mean_of_real_tokens, trim_padding
+from maskkit.nn.transformer import LMHead, SequenceClassifier, mean_of_real_tokens, trim_padding
 from maskkit.rng import Stream, scalar_seed
 from maskkit.train.optim import lr_at, param_groups
 
@@ -535,3 +535,17 @@ def rouge_l(prediction: str, reference: str) -> float:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 when the two strings have the same `words` (case and punctuation ignored), else 0.0."""
     return float(words(prediction) == words(reference))
+
+
+@torch.no_grad()
+def task_accuracy(model: SequenceClassifier, documents, model_labels: list[str], data_labels: list[str],
+             batch_size: int = 64) -> float:
+    """Test accuracy of `model` on labelled documents (their labels index `data_labels`, mapped by name)."""
+    model.eval()
+    # A class the model does not know counts as wrong (index -1 matches no prediction).
+    order = torch.tensor([model_labels.index(name) if name in model_labels else -1 for name in data_labels])
+    correct = 0
+    for start in range(0, len(documents), batch_size):
+        ids, mask = trim_padding(documents.ids[start:start + batch_size], documents.attention_mask[start:start + batch_size])
+        correct += int((model(ids, mask).argmax(-1) == order[documents.labels[start:start + batch_size]]).sum())
+    return correct / len(documents)
