@@ -32,7 +32,7 @@ from maskkit.errors import MaskkitError
 from maskkit.eval.text import task_accuracy
 from maskkit.files import atomic_write_text, writing
 from maskkit.methods.tinybert import augment_documents, load_teacher, save_teacher
-from maskkit.nn.transformer import SequenceClassifier, TextTransformer, trim_padding
+from maskkit.nn.transformer import SequenceClassifier, TextTransformer
 from maskkit.train.checkpoint import find_checkpoint, read_state
 from maskkit.train.loop import train
 
