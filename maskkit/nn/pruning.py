@@ -22,6 +22,11 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.
         weight, bias = weight[rows], None if bias is None else bias[rows]
     if columns is not None:
         weight = weight[:, columns]
+    return _linear_of(weight, bias)
+
+
+def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (out, in) and `bias`."""
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
@@ -77,12 +82,7 @@ def _padded(linear: nn.Linear, rows: torch.Tensor | None, size: int, columns: bo
         full = weight.new_zeros(size, weight.shape[1])
         full[rows] = weight
         bias = None if linear.bias is None else linear.bias.detach().new_zeros(size).index_copy(0, rows, linear.bias.detach())
-    out = nn.Linear(full.shape[1], full.shape[0], bias=bias is not None, device=full.device, dtype=full.dtype)
-    with torch.no_grad():
-        out.weight.copy_(full)
-        if bias is not None:
-            out.bias.copy_(bias)
-    return out
+    return _linear_of(full, None if bias is None else bias.detach())
 
 
 def densify(model: nn.Module) -> nn.Module:
