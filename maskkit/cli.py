@@ -139,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--length", type=int, help="tokens per text in the profiles (default min(128, context))")
     compress.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
     compress.add_argument("--compile", action="store_true", help="profile torch.compile(model), before and after")
+    pareto = sub.add_parser("pareto", help="quality against latency and size for runs and their compressed "
+                                           "variants: maskkit pareto RUN... --out DIR")
+    pareto.add_argument("runs", nargs="+", help="maskkit runs (compressed runs bring their compress.json numbers)")
+    pareto.add_argument("--out", required=True, help="the folder for pareto.png and pareto.json")
+    pareto.add_argument("--test", help="a classifier's test documents (default RUN/../test.jsonl)")
+    pareto.add_argument("--batch", type=int, default=32, help="the throughput batch of the profiles (32)")
+    pareto.add_argument("--length", type=int, help="tokens per text in the profiles")
+    pareto.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
+    pareto.add_argument("--compile", action="store_true", help="profile torch.compile(model)")
 
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
@@ -352,6 +361,17 @@ def run(args) -> int:
         if "sparsity" in report:
             print(f"sparsity {report['sparsity']:.3f} of the blocks' Linear weights; {report['note']}")
         print(f"{report['out']}: a run (maskkit eval / export / profile it); {report['out']}/compress.json")
+        return 0
+    if args.command == "pareto":
+        from maskkit.efficiency.pareto import pareto
+
+        rows = pareto(args.runs, args.out, batch=args.batch, length=args.length, compile=args.compile,
+                      repeats=args.repeats, test=args.test)
+        print(f"{'run':40s} {rows[0]['metric']:>22s} {'latency ms':>10s} {'size MB':>8s}  front")
+        for r in rows:
+            marks = ",".join(k for k, key in (("latency", "front_latency_ms"), ("size", "front_size_mb")) if r.get(key))
+            print(f"{r['name'][:40]:40s} {r['quality']:22.3f} {r['latency_ms']:10.2f} {r['size_mb']:8.1f}  {marks}")
+        print(f"{args.out}/pareto.png, pareto.json")
         return 0
     if args.command == "export":
         from maskkit.export import export_run

@@ -167,3 +167,19 @@ def test_not_a_model_and_an_int8_model_pruned_are_refused(tmp_path, capsys):
 def test_load_compressible_finds_the_deployed_model(run_dir):
     c = load_compressible(run_dir)
     assert c.backbone is c.method.encoder and isinstance(c.model, ViT)
+
+
+def test_pareto_front_and_plot(run_dir, tmp_path, capsys):
+    from maskkit.efficiency.pareto import front
+
+    rows = [{"quality": 0.9, "latency_ms": 10.0}, {"quality": 0.8, "latency_ms": 5.0},
+            {"quality": 0.7, "latency_ms": 6.0}, {"quality": 0.9, "latency_ms": 12.0}]
+    assert front(rows, "latency_ms") == [0, 1]                       # 2 is beaten by 1, 3 by 0
+    sparse = tmp_path / "sparse"
+    assert main(["compress", str(run_dir), "--prune-unstructured", "0.5", "--repeats", "2", "--batch", "4",
+                 "--out", str(sparse)]) == 0
+    assert main(["pareto", str(run_dir), str(sparse), "--repeats", "2", "--batch", "4", "--out", str(tmp_path / "p")]) == 0
+    table = json.loads((tmp_path / "p" / "pareto.json").read_text())
+    assert [r["run"] for r in table] == [str(run_dir), str(sparse)] and (tmp_path / "p" / "pareto.png").stat().st_size
+    assert table[1]["quality"] == json.loads((sparse / "compress.json").read_text())["after"]["quality"]["value"]
+    capsys.readouterr()
