@@ -208,12 +208,13 @@ class ViTConfig:
 
 def check_layer_shapes(cfg, source: str, prefix: str) -> None:
     """head_dim, layer_heads, layer_hidden and quantize of a ViTConfig or TextConfig (what compress writes)."""
-    require_int(source, f"{prefix}.head_dim", cfg.head_dim, 0)
-    for key in ("layer_heads", "layer_hidden"):
+    require_int(source, f"{prefix}.head_dim", cfg.head_dim, 0, cfg.dim)
+    # Pruning only removes: at most num_heads heads and int(dim * mlp_ratio) neurons in a layer.
+    for key, most in (("layer_heads", cfg.num_heads), ("layer_hidden", int(cfg.dim * cfg.mlp_ratio))):
         values = getattr(cfg, key)
-        require(isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        require(isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most
                                                  for v in values), source, f"{prefix}.{key}", values,
-                "a list of positive integers, one per layer")
+                f"a list of integers from 1 to {most}, one per layer")
         require(not values or len(values) == cfg.depth, source, f"{prefix}.{key}", values,
                 f"one value per layer ({cfg.depth}, {prefix}.depth)")
     require(cfg.quantize in ("", "int8"), source, f"{prefix}.quantize", cfg.quantize, "'' (none) or int8")
