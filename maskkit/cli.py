@@ -22,6 +22,16 @@ class _Parser(argparse.ArgumentParser):
         raise MaskkitError(f"{message} (see `{self.prog} --help`)")
 
 
+
+def _measurement_arguments(parser) -> None:
+    """How compress and pareto measure quality and footprint."""
+    parser.add_argument("--test", help="a classifier's test documents (JSON lines of text, label; default "
+                                       "RUN/../test.jsonl, which maskkit distill writes)")
+    parser.add_argument("--batch", type=int, default=32, help="the throughput batch of the profiles (32)")
+    parser.add_argument("--length", type=int, help="tokens per text in the profiles (default min(128, context))")
+    parser.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
+    parser.add_argument("--compile", action="store_true", help="profile torch.compile(model)")
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maskkit", description="Masked and self-supervised pretraining.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -133,21 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--prune-unstructured", type=float, help="zero this fraction of the blocks' Linear weights")
     compress.add_argument("--out", required=True, help="the compressed run (a new folder)")
     compress.add_argument("--batches", type=int, default=8, help="training batches the importance scores read (8)")
-    compress.add_argument("--test", help="a classifier's test documents (JSON lines of text, label; default "
-                                         "RUN/../test.jsonl, which maskkit distill writes)")
-    compress.add_argument("--batch", type=int, default=32, help="the throughput batch of the profiles (32)")
-    compress.add_argument("--length", type=int, help="tokens per text in the profiles (default min(128, context))")
-    compress.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
-    compress.add_argument("--compile", action="store_true", help="profile torch.compile(model), before and after")
+    _measurement_arguments(compress)
     pareto = sub.add_parser("pareto", help="quality against latency and size for runs and their compressed "
                                            "variants: maskkit pareto RUN... --out DIR")
     pareto.add_argument("runs", nargs="+", help="maskkit runs (compressed runs bring their compress.json numbers)")
     pareto.add_argument("--out", required=True, help="the folder for pareto.png and pareto.json")
-    pareto.add_argument("--test", help="a classifier's test documents (default RUN/../test.jsonl)")
-    pareto.add_argument("--batch", type=int, default=32, help="the throughput batch of the profiles (32)")
-    pareto.add_argument("--length", type=int, help="tokens per text in the profiles")
-    pareto.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
-    pareto.add_argument("--compile", action="store_true", help="profile torch.compile(model)")
+    _measurement_arguments(pareto)
 
     sub.add_parser("ls", help="list bundled recipes")
     copy = sub.add_parser("cp", help="copy a bundled recipe to edit it: maskkit cp mae/tiny my.yaml")
