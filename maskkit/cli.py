@@ -22,7 +22,6 @@ class _Parser(argparse.ArgumentParser):
         raise MaskkitError(f"{message} (see `{self.prog} --help`)")
 
 
-
 def _measurement_arguments(parser) -> None:
     """How compress and pareto measure quality and footprint."""
     parser.add_argument("--test", help="a classifier's test documents (JSON lines of text, label; default "
@@ -31,6 +30,7 @@ def _measurement_arguments(parser) -> None:
     parser.add_argument("--length", type=int, help="tokens per text in the profiles (default min(128, context))")
     parser.add_argument("--repeats", type=int, default=20, help="timed forwards at batch 1 (20)")
     parser.add_argument("--compile", action="store_true", help="profile torch.compile(model)")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maskkit", description="Masked and self-supervised pretraining.")
