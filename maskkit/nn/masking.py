@@ -18,6 +18,7 @@ class Masking:
     keep: torch.Tensor     # (B, N_keep) indices of visible tokens, in noise order
     restore: torch.Tensor  # (B, N) argsort of the shuffle: puts [visible, removed] back in place
     mask: torch.Tensor     # (B, N) float, 1 = removed, 0 = visible (the paper's convention)
+    removed: torch.Tensor | None = None  # (B, N - N_keep) indices of removed tokens, in noise order
 
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
@@ -36,7 +37,7 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> Masking:
     mask = torch.ones(batch, num_tokens, device=noise.device)
     mask[:, :keep_count] = 0
     mask = torch.gather(mask, 1, restore)              # (B, N) back in patch order
-    return Masking(keep=keep, restore=restore, mask=mask)
+    return Masking(keep=keep, restore=restore, mask=mask, removed=shuffle[:, keep_count:])
 
 
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         return self._residuals(x, lambda h: self.attn(h, attn_mask=attn_mask, is_causal=is_causal))
 
+    def forward_at(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output at a subset of its tokens: `queries` (B, M, D) are rows of `x` (B, L, D) and
+        attend to all of `x`; equal to `forward(x)` at those rows, with the MLP and the query projections
+        run on M rows instead of L (MAE's last decoder block, whose loss reads only the removed patches)."""
+        context = x if self.post_norm else self.norm1(x)
+        return self._residuals(queries, lambda h: self.attn(h, context=context))
+
     def forward_with_scores(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
         """(output (B, L, D), pre-softmax attention scores (B, H, L, L)): see Attention.forward_with_scores."""
         scores = []

@@ -5,11 +5,12 @@ import torch
 
 from maskkit.methods.mae import MAE, MAEConfig, normalize_patches, patchify, unpatchify
 from maskkit.nn.transformer import ViTConfig
+from tests.helpers import FLOAT32_PARITY, assert_close_at_scale
 
 
 def tiny_mae(**kw) -> MAE:
     encoder = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2)
-    return MAE(MAEConfig(encoder=encoder, decoder_dim=16, decoder_depth=1, decoder_num_heads=2, **kw))
+    return MAE(MAEConfig(encoder=encoder, **{"decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, **kw}))
 
 
 def test_patchify_layout_and_inverse():
@@ -30,14 +31,14 @@ def test_encoder_sees_only_visible_patches():
         seen["shape"] = inputs[0].shape
 
     mae.encoder.blocks[0].register_forward_hook(record)
-    out = mae({"images": torch.randn(3, 3, 16, 16)})
+    out = mae.eval()({"images": torch.randn(3, 3, 16, 16)})
     assert seen["shape"] == (3, 1 + 4, 32)                  # 16 patches, 75% removed, plus CLS
-    assert out.extras["pred"].shape == (3, 16, 48)
+    assert out.extras["pred"].shape == (3, 16, 48)          # eval mode predicts every patch
     assert torch.all(out.extras["mask"].sum(1) == 12)
 
 
 def test_loss_is_mse_on_removed_patches_against_normalised_target():
-    mae = tiny_mae(norm_pix_loss=True)
+    mae = tiny_mae(norm_pix_loss=True).eval()
     images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
     out = mae({"images": images, "noise": noise})
     pred, mask = out.extras["pred"], out.extras["mask"]
@@ -52,6 +53,30 @@ def test_loss_is_mse_on_removed_patches_against_normalised_target():
     grad = torch.autograd.grad(out.loss, out.extras["pred"])[0]
     assert torch.all(grad[out.extras["mask"] == 0] == 0)
     assert torch.all(grad[out.extras["mask"] == 1].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("decoder_depth", [1, 2])
+def test_training_runs_the_last_decoder_block_only_at_removed_patches_with_the_same_loss_and_gradients(decoder_depth):
+    torch.manual_seed(0)
+    mae = tiny_mae(norm_pix_loss=True, decoder_depth=decoder_depth)
+    images, noise = torch.randn(3, 3, 16, 16), torch.rand(3, 16)
+    head_rows = []
+    mae.decoder_pred.register_forward_hook(lambda module, inputs, output: head_rows.append(inputs[0].shape[1]))
+    params = [p for p in mae.parameters() if p.requires_grad]
+    fast = mae.train()({"images": images, "noise": noise})
+    fast_grads = torch.autograd.grad(fast.loss, params)
+    full = mae.eval()({"images": images, "noise": noise})
+    full_grads = torch.autograd.grad(full.loss, params)
+    assert head_rows == [12, 17]                             # 12 removed patches, then all 16 + CLS
+    assert fast.extras["pred_removed"].shape == (3, 12, 48)
+    removed = torch.argsort(noise, dim=1)[:, 4:]             # the 12 largest noises, in noise order
+    assert torch.equal(full.extras["mask"].gather(1, removed), torch.ones(3, 12))
+    full_at_removed = torch.gather(full.extras["pred"], 1, removed[..., None].expand(-1, -1, 48))
+    assert_close_at_scale(fast.extras["pred_removed"], full_at_removed, FLOAT32_PARITY)
+    assert_close_at_scale(fast.loss, full.loss, FLOAT32_PARITY)
+    for p, a, b in zip(params, fast_grads, full_grads, strict=True):
+        assert_close_at_scale(a, b, FLOAT32_PARITY)
+        assert p.grad is None
 
 
 def test_mask_ratio_zero_is_finite_autoencoding():
