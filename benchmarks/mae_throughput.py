@@ -14,9 +14,14 @@ with FlopCounterMode.
 
     python benchmarks/mae_throughput.py                 # fp32 on CPU, ~3 minutes on 2 quiet cores
     python benchmarks/mae_throughput.py --device cuda   # bf16 autocast
+    python benchmarks/mae_throughput.py --compile --mask-ratios 0.75   # + both models under torch.compile
+
+With --compile every model also runs compiled in place (Module.compile(), what train.compile=true does), and
+the compilation's seconds (the first steps) are printed: the price a run pays once.
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -100,6 +105,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results to this path")
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--mask-ratios", type=float, nargs="+", default=list(MASK_RATIOS))
     args = parser.parse_args()
 
     if args.threads:
@@ -113,22 +120,33 @@ def main() -> None:
     num_patches = (ENCODER.image_size // ENCODER.patch_size) ** 2
     noise = torch.rand(args.batch, num_patches, generator=generator).to(device)  # shared by every model
 
+    mask_ratios = sorted(set([0.0, *args.mask_ratios]))
+    frameworks = ["maskkit", "hf"] + (["maskkit compiled", "hf compiled"] if args.compile else [])
     runs = []  # (framework, mask_ratio, model, loss_fn)
-    for mask_ratio in MASK_RATIOS:
+    for mask_ratio in mask_ratios:
         mk = build_maskkit(mask_ratio)
         hf = build_hf(mk)
         mk, hf = mk.to(device), hf.to(device)
         runs.append(("maskkit", mask_ratio, mk, lambda m=mk: m({"images": images, "noise": noise}).loss))
         runs.append(("hf", mask_ratio, hf, lambda m=hf: hf_loss(m, images, noise)))
+    if args.compile:
+        for framework, mask_ratio, model, _ in list(runs):
+            twin = copy.deepcopy(model)
+            twin.compile()
+            loss_fn = ((lambda m=twin: m({"images": images, "noise": noise}).loss) if framework == "maskkit"
+                       else (lambda m=twin: hf_loss(m, images, noise)))
+            runs.append((f"{framework} compiled", mask_ratio, twin, loss_fn))
 
     # Same computation: equal losses from the same weights, images and noise.
     with torch.no_grad():
-        for i in range(0, len(runs), 2):
+        for i in range(0, 2 * len(mask_ratios), 2):
             (_, mask_ratio, _, mk_loss), (_, _, _, hf_loss_fn) = runs[i], runs[i + 1]
             a, b = mk_loss().item(), hf_loss_fn().item()
             print(f"parity mask {mask_ratio:.2f}: loss maskkit {a:.6f}  hf {b:.6f}  |diff| {abs(a - b):.1e}")
 
-    flops = {(fw, r): count_flops(fn) for fw, r, _, fn in runs}
+    flops = {(fw, r): count_flops(fn) for fw, r, _, fn in runs[: 2 * len(mask_ratios)]}
+    for (fw, r, _, _) in runs[2 * len(mask_ratios):]:
+        flops[(fw, r)] = flops[(fw.removesuffix(" compiled"), r)]   # the same model, compiled
     for _, _, model, _ in runs:
         model.zero_grad(set_to_none=True)
 
@@ -152,10 +170,13 @@ def main() -> None:
         f"hf attention {runs[1][2].config._attn_implementation}, "
         f"{args.steps} step(s) per measurement, torch {torch.__version__}"
     )
-    for step in steps:
-        for _ in range(args.warmup):
+    for (framework, mask_ratio, _, _), step in zip(runs, steps, strict=True):
+        start = time.perf_counter()
+        for _ in range(args.warmup if "compiled" not in framework else max(args.warmup, 3)):
             step()
-    sync()
+        sync()
+        if "compiled" in framework:
+            print(f"{framework} at mask {mask_ratio:.2f}: warm-up incl. compilation {time.perf_counter() - start:.1f} s")
 
     # Two threads on two cores: another process on either core stalls every parallel op (10x slower
     # here), so a round during which other processes kept a core busy says nothing about the models
@@ -198,15 +219,15 @@ def main() -> None:
     paired = lambda a, b: statistics.median(x / y for x, y in zip(column(a), column(b), strict=True)) if a != b else 1.0
     results = []
     header = (
-        f"{'model':8} {'mask':>5} {'images/s':>9} {'p25-p75':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} "
+        f"{'model':16} {'mask':>5} {'images/s':>9} {'p25-p75':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} "
         f"{'vs HF':>6} {'speed-up':>8} {'ideal':>6} {'meas/ideal':>10}"
     )
     print(
         f"\nmedians over {len(rounds)} quiet rounds of {round_index}; 'vs HF' and 'speed-up' are medians of "
         "ratios within a round\n" + header + "\n" + "-" * len(header)
     )
-    for framework in ("maskkit", "hf"):
-        for mask_ratio in MASK_RATIOS:
+    for framework in frameworks:
+        for mask_ratio in mask_ratios:
             key = (framework, mask_ratio)
             quartiles = statistics.quantiles(column(key), n=4)
             row = {
@@ -224,11 +245,16 @@ def main() -> None:
             row["measured_over_ideal"] = row["speedup_vs_mask0"] / row["flop_ideal_speedup"]
             results.append(row)
             print(
-                f"{framework:8} {mask_ratio:5.2f} {row['images_per_s']:9.1f} {quartiles[0]:4.0f}-{quartiles[2]:<4.0f} "
+                f"{framework:16} {mask_ratio:5.2f} {row['images_per_s']:9.1f} {quartiles[0]:4.0f}-{quartiles[2]:<4.0f} "
                 f"{row['gflop_per_step']:10.2f} {row['achieved_gflop_per_s']:8.1f} {row['vs_hf']:5.2f}x "
                 f"{row['speedup_vs_mask0']:7.2f}x {row['flop_ideal_speedup']:5.2f}x {row['measured_over_ideal']:9.0%}"
             )
 
+    if args.compile and 0.75 in mask_ratios:
+        print(f"compiled: maskkit compiled / HF eager at mask 0.75 = "
+              f"{paired(('maskkit compiled', 0.75), ('hf', 0.75)):.2f}x, maskkit compiled / HF compiled = "
+              f"{paired(('maskkit compiled', 0.75), ('hf compiled', 0.75)):.2f}x, maskkit compiled / maskkit eager = "
+              f"{paired(('maskkit compiled', 0.75), ('maskkit', 0.75)):.2f}x")
     vs_hf = paired(("maskkit", 0.75), ("hf", 0.75))
     of_ideal = next(r["measured_over_ideal"] for r in results if r["model"] == "maskkit" and r["mask_ratio"] == 0.75)
     verdict = lambda ok: "PASS" if ok else "MISS"

@@ -47,6 +47,9 @@ class TrainConfig:
     threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
     init_from: str = ""              # a run or checkpoint whose weights start this (new) run; "" = random init
     precision: str = "fp32"          # fp32 | bf16 (autocast, on CUDA or on a CPU with AMX)
+    # torch.compile the method's forward (and so its backward) in place: fewer, fused kernels for a one-off
+    # compilation (tens of seconds on a CPU); see the README's "Training speed" for when it pays.
+    compile: bool = False
     # Validation: every eval_every steps (and at the last), the method's own loss on the first eval_samples
     # samples of the held-out split, in eval mode (metrics.jsonl rows {"step", "val_loss"}); 0 = off.
     eval_every: int = 0
@@ -250,6 +253,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.precision == "bf16" and not METHODS[cfg.method][0].supports_bf16:
         raise MaskkitError(f"{source}: train.precision=bf16 is not supported by {cfg.method} (its numerics need "
                            "fp32); use train.precision=fp32")
+    if t.compile and (reason := METHODS[cfg.method][0].compile_refusal):
+        raise MaskkitError(f"{source}: train.compile=true is not supported by {cfg.method} ({reason}); "
+                           "use train.compile=false")
 
     require(e.pool in ("cls", "mean"), source, "eval.pool", e.pool, "cls or mean")
     for key in ("knn_k", "probe_epochs", "finetune_epochs", "finetune_batch_size", "batch_size"):

@@ -130,12 +130,14 @@ def uniform(keys: torch.Tensor, shape: tuple[int, ...], stream: Stream, dtype=to
     count = math.prod(shape)
     mantissa = 53 if dtype == torch.float64 else 24
     state = _mix((keys ^ _signed(int(stream) * _GOLDEN & _MASK64)) + _signed(_GOLDEN))      # (B,)
-    steps = _weyl(count, keys.device)[None, :]                                            # (1, count)
+    # Under torch.compile (train.compile) the cached tensors are traced as fresh ones: the same numbers.
+    compiling = torch.compiler.is_compiling()
+    steps = (_weyl.__wrapped__ if compiling else _weyl)(count, keys.device)[None, :]     # (1, count)
     out = torch.empty(len(keys), count, dtype=dtype, device=keys.device)
     # On the CPU, blocks of rows small enough to stay in cache (and reused buffers, since fresh ones cost
     # more in page faults than the hashing); a GPU takes the whole batch at once.
     rows = len(keys) if keys.device.type != "cpu" else max(1, _CPU_BLOCK // count)
-    bits, scratch = _buffers(min(rows, len(keys)), count, keys.device)
+    bits, scratch = (_buffers.__wrapped__ if compiling else _buffers)(min(rows, len(keys)), count, keys.device)
     for start in range(0, len(keys), rows):
         stop = min(len(keys), start + rows)
         block, spare = bits[: stop - start], scratch[: stop - start]

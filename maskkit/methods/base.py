@@ -26,6 +26,8 @@ class Method(nn.Module):
     # Whether the method trains under bf16 autocast (train.precision=bf16); a method whose numerics need
     # fp32 (second-order gradients, say) sets this False and the config check refuses bf16 for it.
     supports_bf16: bool = True
+    # Why train.compile is refused for the method ("" = it compiles): torch.compile cannot run everything.
+    compile_refusal: str = ""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
         raise NotImplementedError

@@ -90,6 +90,7 @@ def psnr(restored: torch.Tensor, clean: torch.Tensor, std: torch.Tensor) -> torc
 class Energy(Method):
     name = "energy"
     supports_bf16 = False
+    compile_refusal = "its restoration step differentiates through a gradient, and torch.compile has no double backward"
 
     def __init__(self, cfg: EnergyConfig):
         super().__init__()

@@ -299,6 +299,9 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     if rng_state is not None:
         checkpoint.restore_rng(rng_state)
 
+    if tcfg.compile:
+        # In place (Module.compile), so the state dict's names, the checkpoints and DDP see the same module.
+        method.compile()
     model = distributed.wrap(method, info)
     # bf16 autocast on CUDA, or on a CPU with AMX (4x fp32 there; many times slower on a CPU without it).
     if info.is_main and (slow := distributed.slow_precision(tcfg.precision, info.device)):
