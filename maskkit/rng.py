@@ -91,6 +91,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
+@torch.compiler.disable
 def sample_keys(seed: int, epoch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B,) int64 keys of samples (epoch[b], index[b]) of the run `seed`, on their device."""
     x = torch.full_like(index, _signed(mix(seed + _GOLDEN)), dtype=torch.int64)
@@ -121,6 +122,9 @@ def _mix_(x: torch.Tensor, scratch: torch.Tensor, top_bits: int = 64) -> torch.T
     return x
 
 
+# Eager under torch.compile (train.compile): inductor cannot index with splitmix64's 64-bit constants once a shape
+# is symbolic ("too big to convert to int64_t"), the cached buffers are not traceable, and the hash is cheap.
+@torch.compiler.disable
 def uniform(keys: torch.Tensor, shape: tuple[int, ...], stream: Stream, dtype=torch.float32) -> torch.Tensor:
     """(B, *shape) uniform numbers in [0, 1): row b depends only on (keys[b], stream), on keys' device.
 
@@ -130,14 +134,12 @@ def uniform(keys: torch.Tensor, shape: tuple[int, ...], stream: Stream, dtype=to
     count = math.prod(shape)
     mantissa = 53 if dtype == torch.float64 else 24
     state = _mix((keys ^ _signed(int(stream) * _GOLDEN & _MASK64)) + _signed(_GOLDEN))      # (B,)
-    # Under torch.compile (train.compile) the cached tensors are traced as fresh ones: the same numbers.
-    compiling = torch.compiler.is_compiling()
-    steps = (_weyl.__wrapped__ if compiling else _weyl)(count, keys.device)[None, :]     # (1, count)
+    steps = _weyl(count, keys.device)[None, :]                                            # (1, count)
     out = torch.empty(len(keys), count, dtype=dtype, device=keys.device)
     # On the CPU, blocks of rows small enough to stay in cache (and reused buffers, since fresh ones cost
     # more in page faults than the hashing); a GPU takes the whole batch at once.
     rows = len(keys) if keys.device.type != "cpu" else max(1, _CPU_BLOCK // count)
-    bits, scratch = (_buffers.__wrapped__ if compiling else _buffers)(min(rows, len(keys)), count, keys.device)
+    bits, scratch = _buffers(min(rows, len(keys)), count, keys.device)
     for start in range(0, len(keys), rows):
         stop = min(len(keys), start + rows)
         block, spare = bits[: stop - start], scratch[: stop - start]

@@ -89,6 +89,7 @@ class PMLMConfig:
 # Sec 2.1, Algorithm 1: blockwise masking and the factorization order.
 
 
+@torch.compiler.disable   # host-side numpy sampling: eager under train.compile
 def blockwise_masking(maskable: torch.Tensor, attempts: torch.Tensor, order_noise: torch.Tensor, mask_ratio: float = 0.15,
                       span_probability: float = 0.4, span_min: int = 2, span_max: int = 6) -> torch.Tensor:
     """Algorithm 1 then a random factorization order: (B, L) int64, each masked token's step, -1 elsewhere.

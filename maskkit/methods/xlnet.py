@@ -432,6 +432,7 @@ def permutation_from_targets(targets: torch.Tensor, order_uniforms: torch.Tensor
     return Permutation(perm_mask, targets, positions, valid, rank)
 
 
+@torch.compiler.disable   # host-side numpy sampling: eager under train.compile
 def sample_permutation(keys: torch.Tensor, ids: torch.Tensor, special: SpecialIds,
                        attention_mask: torch.Tensor | None = None, predict_fraction_k: int = 6, max_span: int = 5,
                        chunk: int = 0) -> Permutation:
