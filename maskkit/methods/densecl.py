@@ -178,12 +178,13 @@ class DenseCL(MoCo):
         Dividing by B * N rather than by the number of valid tokens keeps every token's weight fixed, so
         micro-batches and ranks (which average their losses) give the loss of the whole batch.
         """
-        positive_logit = (query * positive).sum(2, keepdim=True)                                # (B, N, 1)
+        # -log softmax at the positive = logsumexp(positive, negatives) - positive, without concatenating the
+        # (B, N, 1 + K) logits (the cross-entropy over a cat copied and normalised them all once more).
+        query = query / self.cfg.temperature
+        positive_logit = (query * positive).sum(2)                                             # (B, N)
         negative_logits = query @ self.dense_queue.T                                           # (B, N, K)
-        logits = torch.cat([positive_logit, negative_logits], dim=2).flatten(0, 1) / self.cfg.temperature
-        labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        per_token = F.cross_entropy(logits, labels, reduction="none")                          # (B*N,)
-        return (per_token * valid.flatten()).sum() / valid.numel()
+        per_token = torch.logaddexp(positive_logit, torch.logsumexp(negative_logits, dim=2)) - positive_logit
+        return (per_token * valid).sum() / valid.numel()
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -128,6 +128,25 @@ def test_geometric_positives_are_the_true_correspondence():
     torch.testing.assert_close(out.logs["dense_loss"], expected, rtol=1e-5, atol=1e-6 * float(expected.abs()))
 
 
+def test_dense_loss_is_eq3_per_token_info_nce_over_all_tokens():
+    """Eq. 3: -log exp(q.k+ / T) / (exp(q.k+ / T) + sum_k exp(q.k- / T)) per token, the queue as negatives,
+    averaged over every token of the batch with the tokens without a positive adding 0; and its gradient."""
+    encoder = ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, num_heads=2)
+    densecl = DenseCL(DenseCLConfig(encoder=encoder, head_hidden=32, embed_dim=16, queue_size=32, temperature=0.2))
+    query = F.normalize(torch.randn(3, 16, 16), dim=2).requires_grad_(True)
+    positive = F.normalize(torch.randn(3, 16, 16), dim=2)
+    valid = torch.rand(3, 16) > 0.3
+    loss = densecl.dense_info_nce(query, positive, valid)
+    logits = torch.cat([(query * positive).sum(2, keepdim=True), query @ densecl.dense_queue.T], dim=2) / 0.2
+    per_token = F.cross_entropy(logits.flatten(0, 1), torch.zeros(48, dtype=torch.long), reduction="none")
+    expected = (per_token * valid.flatten()).sum() / 48
+    assert_close_at_scale(loss, expected, SUMMATION_ORDER)
+    (grad,) = torch.autograd.grad(loss, query)
+    (expected_grad,) = torch.autograd.grad(expected, query)
+    assert_close_at_scale(grad, expected_grad, SUMMATION_ORDER)
+    assert torch.all(grad[~valid] == 0) and torch.all(grad[valid].abs().sum(-1) > 0)
+
+
 def test_lambda_zero_is_moco_v2():
     encoder = ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, num_heads=2)
     torch.manual_seed(0)
