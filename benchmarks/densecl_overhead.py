@@ -2,6 +2,10 @@
 same ViT and batch, interleaved in one process, with the analytic FLOP overhead of the dense parts.
 
     python benchmarks/densecl_overhead.py          # ~1 minute on 2 CPU cores
+
+DenseCL runs with both kinds of positives: `geometric` (the default: the crop boxes give each token's
+partner, nothing more to compute) and `features` (two more no-grad forward passes for the matching features).
+The batch's crop boxes are the whole image, which costs what any other box does.
 """
 
 import argparse
@@ -28,9 +32,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(args.batch, 3, 32, 32, generator=generator),
              "images2": torch.randn(args.batch, 3, 32, 32, generator=generator)}
+    whole = torch.tensor([[0.0, 0.0], [31.0, 0.0], [31.0, 31.0], [0.0, 31.0]]).expand(args.batch, 4, 2)
+    no_flip = torch.zeros(args.batch, dtype=torch.bool)
+    batch.update(boxes=whole, boxes2=whole, flips=no_flip, flips2=no_flip)
     common = dict(encoder=ENCODER, head_hidden=512, embed_dim=128, queue_size=args.queue)
     torch.manual_seed(0)
-    models = {"MoCo v2": MoCo(MoCoConfig(**common)), "DenseCL": DenseCL(DenseCLConfig(**common))}
+    models = {"MoCo v2": MoCo(MoCoConfig(**common)),
+              "DenseCL": DenseCL(DenseCLConfig(**common, positives="geometric")),
+              "DenseCL, features": DenseCL(DenseCLConfig(**common, positives="features"))}
     steps = {}
     for name, model in models.items():
         optimizer = build_optimizer(model, OptimConfig(), peak_lr=1e-4)
@@ -45,11 +54,11 @@ def main() -> None:
         steps[name] = step
     times = {name: [] for name in models}
     for round_index in range(args.rounds):
-        for name in (list(models) if round_index % 2 == 0 else list(models)[::-1]):
+        names = list(models)[round_index % len(models):] + list(models)[: round_index % len(models)]
+        for name in (names if round_index % 2 == 0 else names[::-1]):
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
-    overhead = statistics.median(d / m for d, m in zip(times["DenseCL"], times["MoCo v2"], strict=True)) - 1
     # Analytic: the dense head on N tokens (+ its key copy) and the dense logits against the queue, over
     # the query encoder's forward+backward (3x forward) and the key encoder's forward.
     tokens, dim, hidden, embed = (32 // 4) ** 2, ENCODER.dim, 512, 128
@@ -60,10 +69,16 @@ def main() -> None:
     dense_logits = 2 * tokens * (args.queue + 1) * embed * args.batch
     moco_flops = 3 * backbone + backbone + 3 * head + head + 3 * 2 * (args.queue + 1) * embed * args.batch
     dense_flops = 3 * dense_head + dense_head + 3 * dense_logits
+    matching_flops = 2 * backbone                                                 # two no-grad forwards
+    analytic = {"DenseCL": dense_flops, "DenseCL, features": dense_flops + matching_flops}
     print(f"batch {args.batch}, queue {args.queue}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     for name in models:
-        print(f"{name:<8} {statistics.median(times[name]) * 1000:8.1f} ms/step")
-    print(f"DenseCL overhead: measured {overhead * 100:+.1f}%, analytic FLOPs {dense_flops / moco_flops * 100:+.1f}%")
+        line = f"{name:<18} {statistics.median(times[name]) * 1000:8.1f} ms/step"
+        if name in analytic:
+            overhead = statistics.median(d / m for d, m in zip(times[name], times["MoCo v2"], strict=True)) - 1
+            line += f"   overhead over MoCo v2: measured {overhead * 100:+.1f}%, analytic FLOPs " \
+                    f"{analytic[name] / moco_flops * 100:+.1f}%"
+        print(line)
 
 
 if __name__ == "__main__":

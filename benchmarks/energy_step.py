@@ -7,6 +7,11 @@ torch.utils.flop_counter on the math attention kernel, which the energy method m
 derivative anyway), and both as ratios to the supervised step.
 
     python benchmarks/energy_step.py                 # ~2 minutes on 2 CPU cores
+    python benchmarks/energy_step.py --profile       # + where the time goes: supervised vs energy K = 2
+
+--profile runs one more step of the supervised model (on the math attention kernel too, so attention is
+counted alike) and of energy K = 2 under torch.profiler, and splits each step's CPU time by kind of op: the
+matrix multiplies (whose time should follow the FLOP ratio) and everything that FLOP counting does not see.
 """
 
 import argparse
@@ -58,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="split supervised and energy K = 2 by kind of op")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(args.batch, 3, 32, 32, generator=generator),
@@ -102,6 +108,48 @@ def main() -> None:
         speed = statistics.median(speeds[name])
         slowdown = statistics.median(b / a for a, b in zip(speeds[name], speeds[base], strict=True))
         print(f"{name:<32} {speed:>9.1f} {slowdown:>11.2f}x {flops[name] / 1e9:>8.2f} {flops[name] / flops[base]:>12.2f}x")
+    if args.profile:
+        profile_kinds(steps, base, "energy, K = 2", flops)
+
+
+KINDS = {  # aten op name -> kind; ops not listed are "other elementwise / reductions"
+    "matrix multiplies": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_convolution_mode",
+                          "aten::mkldnn_convolution", "aten::convolution_backward"),
+    "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "LayerNorm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
+    "copies / layout": ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous", "aten::_to_copy",
+                        "aten::index_select", "aten::gather", "aten::scatter_add_", "aten::fill_", "aten::zero_"),
+    "optimizer": ("aten::_fused_adamw_",),
+}
+
+
+def profile_kinds(steps: dict, base: str, energy: str, flops: dict, repeats: int = 3) -> None:
+    """Self CPU time per kind of op, per step (median-free: the mean of `repeats` profiled steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kind_of = {op: kind for kind, ops in KINDS.items() for op in ops}
+    split = {}
+    for name in (base, energy):
+        with sdpa_kernel(SDPBackend.MATH):   # the energy step runs on it; so does the baseline here
+            steps[name]()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(repeats):
+                    steps[name]()
+        totals = {}
+        for event in prof.key_averages():
+            if event.key.startswith("aten::") or event.key.startswith("autograd::"):
+                kind = kind_of.get(event.key, "other elementwise / reductions")
+                totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e3 / repeats
+        split[name] = totals
+    kinds = sorted({k for t in split.values() for k in t}, key=lambda k: -split[energy].get(k, 0.0))
+    print(f"\nself CPU ms per step (torch.profiler, {repeats} steps each, both on the math attention kernel)")
+    print(f"{'kind of op':<32} {'supervised':>11} {'energy K=2':>11} {'ratio':>7}")
+    for kind in kinds:
+        a, b = split[base].get(kind, 0.0), split[energy].get(kind, 0.0)
+        print(f"{kind:<32} {a:>11.1f} {b:>11.1f} {b / a if a else float('nan'):>6.2f}x")
+    a, b = sum(split[base].values()), sum(split[energy].values())
+    print(f"{'total':<32} {a:>11.1f} {b:>11.1f} {b / a:>6.2f}x   (FLOPs {flops[energy] / flops[base]:.2f}x)")
 
 
 if __name__ == "__main__":

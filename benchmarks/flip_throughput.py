@@ -10,10 +10,15 @@ measure; on CUDA also the peak allocated memory).
 
     python benchmarks/flip_throughput.py                   # ~2 minutes on 2 quiet CPU cores
     python benchmarks/flip_throughput.py --device cuda --size base --batch 256   # ViT-B/16, bf16 autocast
+    python benchmarks/flip_throughput.py --compile   # + unmasked FLIP and CLIPModel under torch.compile
+
+With --compile, unmasked FLIP and HF's CLIPModel also run compiled in place (Module.compile(), what
+train.compile=true does); their FLOPs and activation memory are the eager twins' ("vs HF" stays against eager HF).
 """
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--compile", action="store_true", help="also time unmasked FLIP and CLIPModel compiled")
     args = parser.parse_args()
     global ENCODER, TEXT, EMBED
     ENCODER, TEXT, EMBED = SIZES[args.size]
@@ -130,9 +136,21 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
         memory.append((saved, peak))
         model.zero_grad(set_to_none=True)
+    hf_index = len(runs) - 1
+    if args.compile:
+        flip0, hf_model = copy.deepcopy(runs[0][1]), copy.deepcopy(hf)
+        flip0.compile()
+        hf_model.compile()
+        batch = {"images": images, "ids": ids, "attention_mask": attention_mask, "seed": keys}
+        runs.append(("maskkit FLIP 0.00 compiled", flip0, lambda: _autocast_call(lambda: flip0(batch).loss, autocast)))
+        runs.append(("HF CLIPModel compiled", hf_model, lambda: _autocast_call(
+            lambda: hf_model(input_ids=ids, pixel_values=images, attention_mask=attention_mask, return_loss=True).loss,
+            autocast)))
+        flops += [flops[0], flops[hf_index]]
+        memory += [memory[0], memory[hf_index]]
 
     steps = []
-    for _, model, fn in runs:
+    for name, model, fn in runs:
         optimizer = build_optimizer(model, OptimConfig(), peak_lr=1e-4)
 
         def step(fn=fn, optimizer=optimizer):
@@ -140,8 +158,11 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(3 if "compiled" in name else 2):
             step()
+        if "compiled" in name:
+            print(f"{name}: warm-up incl. compilation {time.perf_counter() - start:.1f} s")
         steps.append(step)
     sync()
 
@@ -155,7 +176,7 @@ def main() -> None:
             sync()
             speeds[i].append(args.batch / (time.perf_counter() - start))
     base_speed = speeds[0]
-    hf_speed = speeds[-1]
+    hf_speed = speeds[hf_index]
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.rounds} rounds, "
           f"torch {torch.__version__}")
     print(f"{'model':<26} {'pairs/s':>8} {'vs HF':>7} {'speed-up':>9} {'ideal':>6} {'GFLOP':>7} "
