@@ -313,10 +313,26 @@ class ViT(nn.Module):
             return tokens
         return tokens + self.pos_embed[:, -self.num_patches :].to(tokens.dtype)
 
+    def embed_kept(self, images: torch.Tensor, keep: torch.Tensor, position: bool = True) -> torch.Tensor:
+        """`embed(images)` at the patches `keep` (B, N_keep) only: the patches' pixels are gathered first and
+        projected by the patch embedding's weights as one matrix multiply, so the removed patches cost nothing
+        (MAE Sec 3: the encoder "operates only on visible patches"; 4x fewer patch-projection FLOPs at 75%)."""
+        self.check_images(images)
+        batch, channels, size, patch = images.shape[0], self.cfg.in_channels, self.cfg.image_size, self.cfg.patch_size
+        side = size // patch
+        pixels = images.reshape(batch, channels, side, patch, side, patch).permute(0, 2, 4, 1, 3, 5)
+        pixels = gather_tokens(pixels.reshape(batch, side * side, channels * patch * patch), keep)   # (B, N_keep, C*P*P)
+        weight = self.patch_embed.weight.reshape(self.cfg.dim, -1).to(pixels.dtype)       # (D, C*P*P), conv order
+        tokens = F.linear(pixels, weight, self.patch_embed.bias)
+        if not position:
+            return tokens
+        return tokens + gather_tokens(self.pos_embed[:, -self.num_patches :].expand(batch, -1, -1), keep).to(tokens.dtype)
+
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, position: bool = True) -> torch.Tensor:
-        tokens = self.embed(images, position)
         if keep is not None:
-            tokens = gather_tokens(tokens, keep)                          # (B, N_keep, D)
+            tokens = self.embed_kept(images, keep, position)              # (B, N_keep, D)
+        else:
+            tokens = self.embed(images, position)
         if self.cls_token is not None:
             cls = self.cls_token
             if self.cfg.position == "learned":

@@ -42,6 +42,24 @@ def test_each_kept_token_carries_its_own_position():
     torch.testing.assert_close(vit(images, keep=keep), vit.norm(tokens))
 
 
+@pytest.mark.parametrize("kw", [{}, {"position": "learned", "patch_bias": False}, {"in_channels": 1}])
+@pytest.mark.parametrize("position", [True, False])
+def test_kept_patches_embedded_alone_equal_the_convolution_gathered(kw, position):
+    """embed_kept projects only the kept patches' pixels (one matmul with the conv's weights): the same tokens
+    and the same weight gradients as convolving every patch and gathering."""
+    vit = tiny_vit(**kw)
+    with torch.no_grad():
+        vit.pos_embed.copy_(torch.randn_like(vit.pos_embed))       # learned or not: any table, per position
+    images = torch.randn(3, vit.cfg.in_channels, 16, 16)
+    keep = torch.argsort(torch.rand(3, 16), dim=1)[:, :5]
+    fast = vit.embed_kept(images, keep, position)
+    slow = gather_tokens(vit.embed(images, position), keep)
+    assert fast.shape == (3, 5, 32)
+    assert_close_at_scale(fast, slow, SUMMATION_ORDER)
+    grads = [torch.autograd.grad((t * torch.arange(32.0)).sum(), vit.patch_embed.weight)[0] for t in (fast, slow)]
+    assert_close_at_scale(grads[0], grads[1], SUMMATION_ORDER)
+
+
 def test_image_size_must_divide_by_patch():
     with pytest.raises(MaskkitError, match="not divisible by patch_size"):
         ViT(ViTConfig(image_size=30, patch_size=4))
