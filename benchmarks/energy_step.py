@@ -129,19 +129,20 @@ def profile_kinds(steps: dict, base: str, energy: str, flops: dict, repeats: int
     from torch.profiler import ProfilerActivity, profile
 
     kind_of = {op: kind for kind, ops in KINDS.items() for op in ops}
-    split = {}
+    split, top_ops = {}, {}
     for name in (base, energy):
         with sdpa_kernel(SDPBackend.MATH):   # the energy step runs on it; so does the baseline here
             steps[name]()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(repeats):
                     steps[name]()
-        totals = {}
+        totals, ops = {}, {}
         for event in prof.key_averages():
             if event.key.startswith("aten::") or event.key.startswith("autograd::"):
                 kind = kind_of.get(event.key, "other elementwise / reductions")
                 totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e3 / repeats
-        split[name] = totals
+                ops[event.key] = (event.self_cpu_time_total / 1e3 / repeats, event.count // repeats)
+        split[name], top_ops[name] = totals, ops
     kinds = sorted({k for t in split.values() for k in t}, key=lambda k: -split[energy].get(k, 0.0))
     print(f"\nself CPU ms per step (torch.profiler, {repeats} steps each, both on the math attention kernel)")
     print(f"{'kind of op':<32} {'supervised':>11} {'energy K=2':>11} {'ratio':>7}")
@@ -150,6 +151,10 @@ def profile_kinds(steps: dict, base: str, energy: str, flops: dict, repeats: int
         print(f"{kind:<32} {a:>11.1f} {b:>11.1f} {b / a if a else float('nan'):>6.2f}x")
     a, b = sum(split[base].values()), sum(split[energy].values())
     print(f"{'total':<32} {a:>11.1f} {b:>11.1f} {b / a:>6.2f}x   (FLOPs {flops[energy] / flops[base]:.2f}x)")
+    print("\nthe energy step's 12 costliest ops (self CPU ms per step, calls per step; supervised alongside)")
+    for op, (ms, calls) in sorted(top_ops[energy].items(), key=lambda item: -item[1][0])[:12]:
+        base_ms, base_calls = top_ops[base].get(op, (0.0, 0))
+        print(f"  {op:<40} {ms:8.1f} ms {calls:6d} calls    supervised {base_ms:7.1f} ms {base_calls:5d} calls")
 
 
 if __name__ == "__main__":

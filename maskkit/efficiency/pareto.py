@@ -70,15 +70,25 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, cost, label in ((axes[0], "latency_ms", "latency at batch 1 (ms)"), (axes[1], "size_mb", "size (MB)")):
-        for r in rows:
+        low, high = min(r[cost] for r in rows), max(r[cost] for r in rows)
+        by_quality = sorted(range(len(rows)), key=lambda i: rows[i]["quality"])
+        for rank, i in enumerate(by_quality):
+            r = rows[i]
             axis.scatter(r[cost], r["quality"], s=40, color="C1" if r.get(f"front_{cost}") else "C0")
-            axis.annotate(r["name"], (r[cost], r["quality"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            # Labels of the right half to the left of their point, and neighbours in quality above / below
+            # theirs in turn, so that close points stay readable.
+            right = r[cost] > (low + high) / 2
+            axis.annotate(r["name"], (r[cost], r["quality"]), fontsize=7, textcoords="offset points",
+                          xytext=(-5 if right else 5, 4 if rank % 2 else -9), ha="right" if right else "left")
         best = sorted((r for r in rows if r.get(f"front_{cost}")), key=lambda r: r[cost])
         axis.plot([r[cost] for r in best], [r["quality"] for r in best], color="C1", lw=1, label="Pareto front")
         axis.set_xlabel(label)
         axis.set_ylabel(rows[0]["metric"])
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    compiled = {r["compiled"] for r in rows}
+    figure.suptitle("torch.compile'd" if compiled == {True} else "eager" if compiled == {False} else
+                    "mixed: some timed compiled, some eager (pareto.json says which)", fontsize=9)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp, dpi=120)
