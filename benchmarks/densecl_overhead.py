@@ -5,14 +5,18 @@ same ViT and batch, interleaved in one process, with the analytic FLOP overhead 
 
 DenseCL runs with both kinds of positives: `geometric` (the default: the crop boxes give each token's
 partner, nothing more to compute) and `features` (two more no-grad forward passes for the matching features).
-The batch's crop boxes are the whole image, which costs what any other box does.
+The batch's crop boxes are the whole image, which costs what any other box does. A fourth model is DenseCL
+with the dense loss as it was before 2026-12-03 (a cross-entropy over the concatenated positive and queue logits),
+patched onto a copy of the same weights: the A/B of that change.
 """
 
 import argparse
 import statistics
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 
 from maskkit.config import OptimConfig
 from maskkit.methods.densecl import DenseCL, DenseCLConfig
@@ -21,6 +25,14 @@ from maskkit.nn.transformer import ViTConfig
 from maskkit.train.optim import build_optimizer
 
 ENCODER = ViTConfig(image_size=32, patch_size=4, dim=128, depth=4, num_heads=4)      # moco/tiny, densecl/tiny
+
+
+def concatenated_dense_loss(self, query, positive, valid):
+    """DenseCL.dense_info_nce before 2026-12-03: the same value, through a (B*N, 1+K) cross-entropy."""
+    positive_logit = (query * positive).sum(2, keepdim=True)
+    logits = torch.cat([positive_logit, query @ self.dense_queue.T], dim=2).flatten(0, 1) / self.cfg.temperature
+    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    return (F.cross_entropy(logits, labels, reduction="none") * valid.flatten()).sum() / valid.numel()
 
 
 def main() -> None:
@@ -39,7 +51,13 @@ def main() -> None:
     torch.manual_seed(0)
     models = {"MoCo v2": MoCo(MoCoConfig(**common)),
               "DenseCL": DenseCL(DenseCLConfig(**common, positives="geometric")),
-              "DenseCL, features": DenseCL(DenseCLConfig(**common, positives="features"))}
+              "DenseCL, features": DenseCL(DenseCLConfig(**common, positives="features")),
+              "DenseCL, cat loss": DenseCL(DenseCLConfig(**common, positives="geometric"))}
+    models["DenseCL, cat loss"].load_state_dict(models["DenseCL"].state_dict())
+    models["DenseCL, cat loss"].dense_info_nce = types.MethodType(concatenated_dense_loss, models["DenseCL, cat loss"])
+    with torch.no_grad():
+        same = models["DenseCL"](batch).loss.item(), models["DenseCL, cat loss"](batch).loss.item()
+    print(f"dense loss now {same[0]:.6f}, before {same[1]:.6f}")
     steps = {}
     for name, model in models.items():
         optimizer = build_optimizer(model, OptimConfig(), peak_lr=1e-4)
@@ -70,7 +88,8 @@ def main() -> None:
     moco_flops = 3 * backbone + backbone + 3 * head + head + 3 * 2 * (args.queue + 1) * embed * args.batch
     dense_flops = 3 * dense_head + dense_head + 3 * dense_logits
     matching_flops = 2 * backbone                                                 # two no-grad forwards
-    analytic = {"DenseCL": dense_flops, "DenseCL, features": dense_flops + matching_flops}
+    analytic = {"DenseCL": dense_flops, "DenseCL, features": dense_flops + matching_flops,
+                "DenseCL, cat loss": dense_flops}
     print(f"batch {args.batch}, queue {args.queue}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     for name in models:
         line = f"{name:<18} {statistics.median(times[name]) * 1000:8.1f} ms/step"

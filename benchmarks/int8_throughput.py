@@ -18,11 +18,11 @@ import statistics
 import time
 
 import torch
+from mae_throughput import cpu_seconds_elsewhere
 
 from maskkit.efficiency.compress import apply, load_compressible
 from maskkit.efficiency.models import image_profiled, text_profiled
 from maskkit.nn.transformer import ViT
-from mae_throughput import cpu_seconds_elsewhere
 
 
 def main() -> None:
