@@ -48,7 +48,7 @@ class TrainConfig:
     init_from: str = ""              # a run or checkpoint whose weights start this (new) run; "" = random init
     precision: str = "fp32"          # fp32 | bf16 (autocast, on CUDA or on a CPU with AMX)
     # torch.compile the method's forward (and so its backward) in place: fewer, fused kernels for a one-off
-    # compilation (tens of seconds on a CPU); see the README's "Training speed" for when it pays.
+    # compilation (about a minute on 2 CPU cores); the README (Using it) says when it pays.
     compile: bool = False
     # Validation: every eval_every steps (and at the last), the method's own loss on the first eval_samples
     # samples of the held-out split, in eval mode (metrics.jsonl rows {"step", "val_loss"}); 0 = off.
