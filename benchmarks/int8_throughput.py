@@ -10,6 +10,7 @@ busy machine can skew it; this script is the number to quote.
 
     python benchmarks/int8_throughput.py                          # runs/tinybert/teacher-finetune, ~4 minutes
     python benchmarks/int8_throughput.py RUN --batch 32 --length 128
+    python benchmarks/int8_throughput.py --freezing      # both compiled variants with inductor's freezing
 """
 
 import argparse
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config
 from mae_throughput import cpu_seconds_elsewhere
 
 from maskkit.efficiency.compress import apply, load_compressible
@@ -33,7 +35,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="quiet rounds wanted")
     parser.add_argument("--max-seconds", type=float, default=240)
     parser.add_argument("--max-other-load", type=float, default=0.25)
+    parser.add_argument("--freezing", action="store_true",
+                        help="compile with inductor's freezing (weights folded in as constants, for inference)")
     args = parser.parse_args()
+    if args.freezing:
+        torch._inductor.config.freezing = True
 
     fp32 = load_compressible(args.run)
     int8 = copy.deepcopy(fp32)

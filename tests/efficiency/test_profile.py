@@ -81,6 +81,28 @@ def test_size_percentiles_and_the_footprint_of_a_small_model():
     assert footprint.peak_memory_bytes == footprint.activation_peak_bytes + 4 * footprint.parameters
 
 
+def test_a_compiled_profile_times_a_frozen_graph_of_the_same_model_and_leaves_the_settings_alone():
+    import torch._inductor.config
+
+    from maskkit.nn.quantized import Int8Linear
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    model[2] = Int8Linear.from_linear(model[2])                 # what compress --quantize int8 --compile profiles
+    calls = []
+    original = torch._inductor.config.freezing
+
+    def forward(x):
+        calls.append(torch._inductor.config.freezing)           # read while dynamo traces (and while eager runs)
+        return model(x)
+
+    footprint = profile_model(model, lambda n: (torch.randn(n, 16),), batch=8, warmup=1, repeats=3, forward=forward,
+                              compile=True)
+    eager = profile_model(model, lambda n: (torch.randn(n, 16),), batch=8, warmup=1, repeats=3)
+    assert footprint.compiled and not eager.compiled and footprint.flops_per_example == eager.flops_per_example
+    assert True in calls and torch._inductor.config.freezing == original
+    assert footprint.latency_ms_median > 0 and footprint.throughput_per_s > 0
+
+
 def test_the_cli_profiles_minilm_and_a_maskkit_run_and_writes_json(tmp_path, capsys, tiny_config):
     from maskkit.train.loop import train
 
