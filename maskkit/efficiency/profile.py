@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from maskkit.compiling import separate_cache_per_kernel_set
 from maskkit.errors import MaskkitError
 from maskkit.nn.quantized import Int8Linear
 
@@ -211,6 +212,8 @@ def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch:
     # 1.46x without, benchmarks/int8_throughput.py). The weights do not change while they are timed.
     if compile:
         from torch._inductor import config as inductor_config
+
+        separate_cache_per_kernel_set()
 
         frozen = inductor_config.patch(freezing=True)
     else:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from maskkit import collectives
+from maskkit.compiling import separate_cache_per_kernel_set
 from maskkit.config import (
     Config,
     EvalConfig,
@@ -300,6 +301,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
         checkpoint.restore_rng(rng_state)
 
     if tcfg.compile:
+        separate_cache_per_kernel_set()
         # In place (Module.compile), so the state dict's names, the checkpoints and DDP see the same module.
         method.compile()
     model = distributed.wrap(method, info)

@@ -1,6 +1,7 @@
 """train.compile: torch.compile of the method's forward, in place."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -54,3 +55,27 @@ def test_compile_is_refused_in_one_line_where_torch_compile_cannot_run_the_metho
         config_from_dict(values)
     with pytest.raises(MaskkitError, match="train.compile"):
         config_from_dict(tiny_config_dict(train={"compile": "yes"}))
+
+
+def test_each_cpu_kernel_set_gets_its_own_compile_cache(monkeypatch):
+    """Inductor's cache (and its precompiled header) built under one ATEN_CPU_CAPABILITY breaks compiles under
+    another; maskkit keeps them apart, and leaves a folder the user chose alone."""
+    from maskkit.compiling import separate_cache_per_kernel_set
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    default = separate_cache_per_kernel_set()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    avx2 = separate_cache_per_kernel_set()
+    assert default and avx2 and default != avx2 and default.endswith("_default")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == avx2
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())    # inductor's own default: not a choice
+    assert separate_cache_per_kernel_set() == avx2
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    assert separate_cache_per_kernel_set() is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert separate_cache_per_kernel_set() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
