@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 train.steps=100")
     train.add_argument("--out", help="run directory (default runs/<name>)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.add_argument("--allow-reshard", action="store_true",
+                       help="with --resume: continue on another number of ranks than the checkpoint was written by")
     train.add_argument("--extend-steps", type=int, metavar="N",
                        help="with --resume: train N steps more than the run's train.steps (finished or not); the "
                             "schedules are recomputed for the new total")
@@ -85,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), required=True,
                         help="hf DIR: a Hugging Face save_pretrained folder (mae -> ViTMAEForPreTraining, flip -> "
                              "CLIPModel, mlm and pmlm with BERT's architecture -> BertForMaskedLM with the tokenizer, "
-                             "tinybert stages -> BertForSequenceClassification with the tokenizer and class names)")
+                             "tinybert stages -> BertForSequenceClassification with the tokenizer and class names); "
+                             "safetensors DIR: the weights as a checkpoint of whole tensors (model.safetensors + "
+                             "state.json, e.g. of a sharded fsdp2 run), for maskkit eval / export / train.init_from")
 
     analyze = sub.add_parser("analyze", help="contextualization analysis of a Transformer's layers: maskkit analyze "
                                              "minilm --text \"...\" --out DIR (or a ViT with --image)")
@@ -400,8 +404,10 @@ def run(args) -> int:
             # how it runs (train.threads, ...), which `train` checks.
             recipe, cfg = cfg, resume_config(out, args.overrides)
             check_resume_recipe(args.config, recipe, cfg, out)
+        if args.allow_reshard and not args.resume:
+            raise MaskkitError("--allow-reshard continues a run on another number of ranks: pass --resume too")
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
-                       extend_steps=args.extend_steps or 0)
+                       extend_steps=args.extend_steps or 0, allow_reshard=args.allow_reshard)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained {cfg.method} for {result.final_step} steps, final loss {result.final_loss:.4f}; run in {out}")
         return 0

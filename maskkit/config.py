@@ -50,6 +50,13 @@ class TrainConfig:
     # torch.compile the method's forward (and so its backward) in place: fewer, fused kernels for a one-off
     # compilation (about a minute on 2 CPU cores); the README (Using it) says when it pays.
     compile: bool = False
+    # How several ranks (torchrun) share the work: ddp replicates the method on every rank and all-reduces its
+    # gradients; fsdp2 shards every Transformer block's parameters, gradients and optimizer state over the ranks
+    # (torch's fully_shard), for models whose training state does not fit one device. README, Scaling out.
+    parallel: str = "ddp"            # ddp | fsdp2
+    # Recompute each Transformer block's activations in the backward instead of keeping them: less memory for
+    # about one more forward's compute (torch.utils.checkpoint, non-reentrant).
+    activation_checkpointing: bool = False
     # Validation: every eval_every steps (and at the last), the method's own loss on the first eval_samples
     # samples of the held-out split, in eval mode (metrics.jsonl rows {"step", "val_loss"}); 0 = off.
     eval_every: int = 0
@@ -253,6 +260,13 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.precision == "bf16" and not METHODS[cfg.method][0].supports_bf16:
         raise MaskkitError(f"{source}: train.precision=bf16 is not supported by {cfg.method} (its numerics need "
                            "fp32); use train.precision=fp32")
+    require(t.parallel in ("ddp", "fsdp2"), source, "train.parallel", t.parallel, "ddp or fsdp2")
+    if t.parallel == "fsdp2" and (reason := METHODS[cfg.method][0].fsdp2_refusal):
+        raise MaskkitError(f"{source}: train.parallel=fsdp2 is not supported by {cfg.method} ({reason}); "
+                           "use train.parallel=ddp")
+    if t.activation_checkpointing and (reason := METHODS[cfg.method][0].activation_checkpointing_refusal):
+        raise MaskkitError(f"{source}: train.activation_checkpointing=true is not supported by {cfg.method} "
+                           f"({reason}); use train.activation_checkpointing=false")
     if t.compile and (reason := METHODS[cfg.method][0].compile_refusal):
         raise MaskkitError(f"{source}: train.compile=true is not supported by {cfg.method} ({reason}); "
                            "use train.compile=false")
@@ -291,7 +305,8 @@ def validate(cfg: Config, source: str = "config") -> None:
 # Keys that say where and how a run executes, not what it computes: a resumed run may change them.
 # Validation only reads the weights (never the training RNG or data order), so it may be turned on or off too.
 RUNTIME_KEYS = ("train.device", "train.threads", "data.num_workers", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.eval_every", "train.keep_best", "train.knn_bank", "train.best_by")
+                "train.keep_checkpoints", "train.eval_every", "train.keep_best", "train.knn_bank", "train.best_by",
+                "train.activation_checkpointing")
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

@@ -24,9 +24,9 @@ from maskkit.files import writing
 from maskkit.methods.mlm import MLM, MLMConfig
 from maskkit.nn.pruning import densify
 from maskkit.nn.transformer import TextTransformer, ViT
-from maskkit.train.checkpoint import find_checkpoint
+from maskkit.train.checkpoint import find_checkpoint, save_whole_checkpoint
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "safetensors")
 TWINS = {"mae": "ViTMAEForPreTraining", "flip": "CLIPModel", "mlm": "BertForMaskedLM", "pmlm": "BertForMaskedLM",
          "tinybert": "BertForSequenceClassification"}
 
@@ -34,12 +34,18 @@ TWINS = {"mae": "ViTMAEForPreTraining", "flip": "CLIPModel", "mlm": "BertForMask
 def export_run(path: str | Path, to: str, directory: str | Path) -> str:
     """Write the run (or checkpoint) at `path` in format `to` into `directory`; returns a one-line summary."""
     if to not in FORMATS:
-        raise MaskkitError(f"--to {to}: the export formats are {', '.join(FORMATS)} (Hugging Face save_pretrained)")
+        raise MaskkitError(f"--to {to}: the export formats are hf (Hugging Face save_pretrained) and safetensors "
+                           "(a whole-tensor checkpoint, e.g. of a sharded fsdp2 run)")
     directory = Path(directory).expanduser()
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise MaskkitError(f"{directory} exists and is not an empty folder; export into a new one (nothing was written)")
     checkpoint = find_checkpoint(path)
     method, cfg = method_from_checkpoint(checkpoint)
+    if to == "safetensors":
+        with writing(directory):
+            save_whole_checkpoint(method, checkpoint, directory)
+        return (f"exported {cfg.method} from {checkpoint} as a whole-tensor checkpoint to {directory} "
+                f"(maskkit eval / export / train.init_from read it; no optimizer state, no pickle)")
     for module in list(method.modules()):
         # A compressed run (maskkit compress): Hugging Face's layers are uniform and float, so pruned heads and
         # neurons go back as zeros and int8 weights as their float values; the exported model computes the same.

@@ -56,7 +56,8 @@ SIZE_KEYS = {"data.image_size", "data.load_size", "model.encoder.image_size", "m
              "model.decoder_depth", "model.decoder_num_heads", "train.batch_size", "train.threads",
              "data.photo_crops", "data.num_workers", "data.shapes"}
 STRINGS = st.one_of(st.sampled_from(["", "digits", "photos", "folder", "photos+digits", "digits+", "cpu", "cuda", "bf16", "fp32",
-                                     "auto", "cls", "mean", "gpu", "/no/such/dir", "mae"]), st.text(max_size=8))
+                                     "auto", "cls", "mean", "gpu", "/no/such/dir", "mae", "ddp", "fsdp2"]),
+                    st.text(max_size=8))
 
 
 def values_for(key: str, tp, size_keys=SIZE_KEYS, strings=STRINGS, ints: dict | None = None) -> st.SearchStrategy:

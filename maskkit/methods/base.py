@@ -28,6 +28,9 @@ class Method(nn.Module):
     supports_bf16: bool = True
     # Why train.compile is refused for the method ("" = it compiles): torch.compile cannot run everything.
     compile_refusal: str = ""
+    # Why train.parallel=fsdp2 is refused ("" = it shards), and likewise train.activation_checkpointing.
+    fsdp2_refusal: str = ""
+    activation_checkpointing_refusal: str = ""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
         raise NotImplementedError

@@ -91,6 +91,10 @@ class Energy(Method):
     name = "energy"
     supports_bf16 = False
     compile_refusal = "its restoration step differentiates through a gradient, and torch.compile has no double backward"
+    # Measured on torch 2.13, 2 gloo ranks: the double backward through fully_shard's unshard/reshard hooks
+    # crashes the process (SIGSEGV) at the first step.
+    fsdp2_refusal = ("its restoration step differentiates through a gradient, and that double backward crashes "
+                     "under fully_shard's hooks")
 
     def __init__(self, cfg: EnergyConfig):
         super().__init__()

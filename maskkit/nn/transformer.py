@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -125,7 +126,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); with `post_norm`, the original
     Transformer's and BERT's order (Vaswani et al. 2017 Sec 5.4, Devlin et al. 2019): LN(x + Attn(x)), then
-    LN(x + MLP(x))."""
+    LN(x + MLP(x)).
+
+    With `checkpoint_activations` set (train.activation_checkpointing), training keeps only the block's input and
+    recomputes the rest in the backward (Chen et al. 2016, "Training deep nets with sublinear memory cost").
+    """
+
+    # Every method besides `forward` that runs the block: a sharded block (FSDP2) gathers its weights around them.
+    forward_methods = ("forward_at", "forward_with_scores")
+    checkpoint_activations: bool = False
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6,
                  activation: str = "gelu", post_norm: bool = False, head_dim: int = 0, hidden_dim: int = 0):
@@ -159,6 +168,13 @@ class Block(nn.Module):
 
     def _residuals(self, x: torch.Tensor, attend) -> torch.Tensor:
         """The block around `attend` (its attention), in the block's norm order."""
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # Non-reentrant: it supports inputs that need no gradient and keyword arguments, and it replays
+            # the random draws (dropout) of the forward.
+            return torch.utils.checkpoint.checkpoint(self._residuals_computed, x, attend, use_reentrant=False)
+        return self._residuals_computed(x, attend)
+
+    def _residuals_computed(self, x: torch.Tensor, attend) -> torch.Tensor:
         if self.post_norm:
             x = self.norm1(x + attend(x))
             return self.norm2(x + self.mlp(x))

@@ -9,13 +9,25 @@
 A checkpoint directory is filled under a temporary name and renamed when complete, and `latest` is
 replaced with os.replace, so a crash at any moment leaves every earlier checkpoint intact. Temporaries
 carry the writer's PID; those of processes that are no longer alive are removed when a run starts
-(`remove_stale_temporaries`). Nothing is ever unpickled.
+(`remove_stale_temporaries`). Nothing is ever unpickled, except in sharded checkpoints (below).
+
+A train.parallel=fsdp2 run writes its sharded checkpoints with torch.distributed.checkpoint (DCP), each rank
+its own slices, in place of the two safetensors files:
+
+    RUN/checkpoints/step_000200/sharded/               DCP: __RANK_0.distcp per rank, .metadata
+                               /rng.safetensors        RNG states
+                               /state.json             as above, plus "parallel" and "world_size"
+
+DCP's .metadata file is a pickle: load sharded checkpoints of your own runs only. `maskkit export RUN --to
+safetensors DIR` turns one into a checkpoint of the first kind (whole tensors, no pickle) that loads anywhere.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +95,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2,
-                    loss: float | None = None, measured: dict | None = None) -> Path:
+                    loss: float | None = None, measured: dict | None = None, world_size: int = 1) -> Path:
     """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it.
 
     `loss` is the training loss of the last step, so resuming a finished run can report it; `measured` what
@@ -99,7 +111,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
     previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
                 else "no checkpoint was written before")
     try:
-        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss, measured or {})
+        _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss, measured or {}, world_size)
     except (OSError, SafetensorError) as error:
         # Free what the failed write took (on a full disk, that is what the next try needs).
         shutil.rmtree(tmp, ignore_errors=True)
@@ -109,7 +121,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
 
 
 def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, step: int, config: dict,
-                      loss: float | None, measured: dict) -> None:
+                      loss: float | None, measured: dict, world_size: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -117,20 +129,97 @@ def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, 
     save_file(weights, tmp / "model.safetensors", metadata={"method": method.name})
     publish_mode(tmp / "model.safetensors")
     optim_tensors, optim_meta = _optimizer_tensors(optimizer)
-    optim_tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-            optim_tensors[f"rng.cuda.{i}"] = rng
+    optim_tensors.update(_rng_tensors())
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     publish_mode(tmp / "optimizer.safetensors")
-    state = {"format": FORMAT_VERSION, "method": method.name, "step": step, "time": time.time(),
-             "loss": loss, "val_loss": measured.get("val_loss"), "val_knn": measured.get("val_knn"), "optimizer": optim_meta, "config": config}
+    _finish(directory, tmp, name, _state(method, step, config, loss, measured, world_size, optimizer=optim_meta))
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    return tensors
+
+
+def _state(method, step: int, config: dict, loss, measured: dict, world_size: int, **more) -> dict:
+    return {"format": FORMAT_VERSION, "method": method.name, "step": step, "time": time.time(), "loss": loss,
+            "val_loss": measured.get("val_loss"), "val_knn": measured.get("val_knn"), "world_size": world_size,
+            **more, "config": config}
+
+
+def _finish(directory: Path, tmp: Path, name: str, state: dict) -> None:
+    """state.json last, then the rename and `latest`: until then the checkpoint does not exist."""
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     final = directory / name
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     atomic_write_text(directory / "latest", name + "\n")
+
+
+def save_sharded_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int, writer_pid: int,
+                            is_main: bool, world_size: int, loss: float | None = None,
+                            measured: dict | None = None) -> Path:
+    """A train.parallel=fsdp2 checkpoint (see the module docstring); every rank calls it, with the same
+    `writer_pid` (rank 0's, which names the temporary folder and lets a later run tell that it is stale).
+
+    DCP writes every rank's slices into the temporary folder; rank 0 then adds the RNG states and state.json
+    and renames it, so a kill at any moment (of any rank) leaves `latest` on the previous, complete one.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from maskkit import collectives
+
+    directory = Path(run_dir) / "checkpoints"
+    name = f"step_{step:07d}"
+    tmp = directory / f".tmp-{name}-{writer_pid}"
+    latest = directory / "latest"
+    previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
+                else "no checkpoint was written before")
+    try:
+        if is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        collectives.barrier()
+        state = {"model": method.trainable_state_dict(), "optimizer": get_optimizer_state_dict(method, optimizer)}
+        with _quiet_in_one_process():
+            dcp.save(state, checkpoint_id=tmp / "sharded")
+        if is_main:
+            save_file(_rng_tensors(), tmp / "rng.safetensors")
+            publish_mode(tmp / "rng.safetensors")
+            _finish(directory, tmp, name, _state(method, step, config, loss, measured or {}, world_size,
+                                                 parallel="fsdp2", optimizer=None))
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MaskkitError(f"{cannot_write(directory / name, error)}; {previous}") from None
+    if is_main:
+        _prune(directory, keep, protect=name)
+    collectives.barrier()        # no rank goes on (to the next save, or to reading it) before it is complete
+    return directory / name
+
+
+def save_whole_checkpoint(method, source: Path, directory: Path) -> None:
+    """`maskkit export RUN --to safetensors DIR`: the weights of checkpoint `source` (loaded into `method`) as a
+    checkpoint of whole tensors, model.safetensors + state.json, without optimizer state: what `maskkit eval`,
+    `export` and train.init_from read anywhere, with nothing to unpickle (a sharded checkpoint's metadata is)."""
+    state = read_state(source)
+    state.update(optimizer=None, exported_from=str(source))
+    state.pop("parallel", None)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp-model-{os.getpid()}.safetensors"
+    weights = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
+    save_file(weights, tmp, metadata={"method": method.name})
+    publish_mode(tmp)
+    os.replace(tmp, directory / "model.safetensors")
+    atomic_write_text(directory / "state.json", json.dumps(state, indent=1))
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / "sharded").is_dir()
 
 
 def _prune(directory: Path, keep: int, protect: str) -> None:
@@ -216,10 +305,69 @@ def load_weights(method, checkpoint: Path) -> dict:
         raise MaskkitError(
             f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}"
         )
-    weights = _load_safetensors(checkpoint / "model.safetensors")
-    check_state_dict(weights, method.trainable_state_dict(), checkpoint / "model.safetensors")
+    if is_sharded(checkpoint):
+        weights = _load_sharded_weights(method, checkpoint)
+    else:
+        weights = _load_safetensors(checkpoint / "model.safetensors")
+        check_state_dict(weights, method.trainable_state_dict(), checkpoint / "model.safetensors")
     method.load_state_dict(weights, strict=False)
     return state
+
+
+def _sharded_metadata(checkpoint: Path):
+    """The DCP metadata of a sharded checkpoint (a pickle: see the module docstring)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(checkpoint / "sharded")).read_metadata()
+    except Exception as error:        # a missing, truncated or foreign .metadata: DCP raises many kinds
+        raise MaskkitError(f"{checkpoint / 'sharded'}: unreadable sharded checkpoint ({error})") from None
+
+
+def _load_sharded_weights(method, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The whole trainable tensors of a sharded checkpoint, read into this process (any number of ranks wrote
+    it; DCP reassembles them), checked against the method first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    expected = method.trainable_state_dict()
+    saved = {key[len("model."):]: torch.empty(meta.size, device="meta") for key, meta in
+             _sharded_metadata(checkpoint).state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    check_state_dict(saved, expected, checkpoint / "sharded")
+    weights = {key: torch.empty_like(value, device="cpu") for key, value in expected.items()}
+    with _quiet_in_one_process():
+        dcp.load({"model": weights}, checkpoint_id=checkpoint / "sharded", no_dist=True)
+    return weights
+
+
+@contextlib.contextmanager
+def _quiet_in_one_process():
+    """DCP warns that it is "assuming the intent is to load (save) in a single process" when it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def load_sharded_training_state(method, optimizer, checkpoint: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Resume a train.parallel=fsdp2 run (every rank calls it): weights and optimizer state, each rank reading
+    its own slices, whatever number of ranks wrote them. Returns the step and the saved RNG states."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = read_state(checkpoint)
+    if state["method"] != method.name:
+        raise MaskkitError(f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}")
+    saved = {key: meta for key, meta in _sharded_metadata(checkpoint).state_dict_metadata.items()
+             if key.startswith("model.")}
+    check_state_dict({key[len("model."):]: torch.empty(meta.size, device="meta") for key, meta in saved.items()},
+                     method.trainable_state_dict(), checkpoint / "sharded")
+    loaded = {"model": method.trainable_state_dict(), "optimizer": get_optimizer_state_dict(method, optimizer)}
+    with _quiet_in_one_process():
+        dcp.load(loaded, checkpoint_id=checkpoint / "sharded")
+    method.load_state_dict(loaded["model"], strict=False)
+    set_optimizer_state_dict(method, optimizer, optim_state_dict=loaded["optimizer"])
+    return int(state["step"]), _load_safetensors(checkpoint / "rng.safetensors")
 
 
 def record_config(checkpoint: Path, config: dict) -> None:

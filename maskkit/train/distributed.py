@@ -1,5 +1,5 @@
-"""The loop's side of running on several ranks: joining the process group, the device, the DDP wrapper,
-gradient synchronisation and clipping. The collectives themselves (gathers, reductions) are in
+"""The loop's side of running on several ranks: joining the process group, the device, the DDP wrapper or
+FSDP2's sharding, gradient synchronisation and clipping. The collectives themselves (gathers, reductions) are in
 `maskkit.collectives`, which methods use too.
 
 `torchrun --nproc_per_node N -m maskkit train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
@@ -8,11 +8,14 @@ maskkit runs as a single process and every function here is a no-op.
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from maskkit import collectives
 
 
 @dataclass
@@ -80,9 +83,74 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def checkpoint_activations(method: torch.nn.Module) -> None:
+    """train.activation_checkpointing: every Transformer block of the method recomputes its activations in
+    the backward (frozen parts too: they keep no activations for a backward anyway)."""
+    from maskkit.nn.transformer import Block
+
+    for module in method.modules():
+        if isinstance(module, Block):
+            module.checkpoint_activations = True
+
+
+def shard(method, info: DistInfo, bf16: bool = False) -> list[torch.nn.Parameter]:
+    """FSDP2 (torch's `fully_shard`, Zhao et al. 2023 "PyTorch FSDP"), in place: each trainable Transformer block
+    is one unit whose parameters, gradients and optimizer state are split over the ranks and gathered for its
+    forward and backward only; the method itself is the root unit holding the rest (embeddings, heads).
+
+    A momentum encoder's blocks (MoCo, DenseCL) are units like their online twins', so the EMA update is
+    shard-local: each rank updates its own slices. Frozen parts (a teacher, a frozen LM) stay whole on every
+    rank and out of FSDP: nothing of theirs is reduced. `fully_shard` cannot shard 0-d parameters (FLIP's
+    logit scale, say); they stay whole too, and the loop averages their gradients (`average_gradients`),
+    which are returned. With `bf16` (train.precision=bf16 on CUDA), units compute in bf16 and reduce
+    gradients in fp32 (`MixedPrecisionPolicy`), in place of autocast.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from maskkit.nn.transformer import Block
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    frozen = method.__dict__.get("_frozen_modules", [])
+    inside_frozen = {id(module) for part in frozen for module in part.modules()}
+    for module in list(method.modules()):
+        if isinstance(module, Block) and id(module) not in inside_frozen:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+            for name in Block.forward_methods:
+                register_fsdp_forward_method(module, name)
+    replicated = [p for p in method.parameters() if p.dim() == 0 and id(p) not in
+                  {id(q) for part in frozen for q in part.parameters()}]
+    ignored = {p for part in frozen for p in part.parameters()} | set(replicated)
+    fully_shard(method, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    # The root warns that a method's output holds views (its detached logs): an in-place op on one would skip
+    # the pre-backward hook. The loop only reads them (`step_loss += loss.detach()` adds into its own tensor).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+\) returned a view tensor")
+    return replicated
+
+
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """The mean over ranks of these parameters' gradients (what DDP or FSDP would reduce), in place."""
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad.copy_(collectives.all_reduce_mean(parameter.grad))
+
+
+def full_state_dict(method) -> dict[str, torch.Tensor]:
+    """The method's trainable state dict with every sharded tensor gathered whole; every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value
+            for name, value in method.trainable_state_dict().items()}
+
+
 def wrap(method: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """The module the loop calls: DDP around the method when there are several ranks, else the method."""
-    if not info.enabled:
+    """The module the loop calls: DDP around the method when there are several ranks, else the method (also
+    when `shard` made it an FSDP2 root, which does its own synchronisation)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not info.enabled or isinstance(method, FSDPModule):
         return method
     from torch.nn.parallel import DistributedDataParallel
 
@@ -90,15 +158,31 @@ def wrap(method: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(method, device_ids=device_ids)
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def no_sync(model: torch.nn.Module, sync: bool):
-    """A context in which backward accumulates gradients without the all-reduce (all but the last micro-batch)."""
-    if sync or not hasattr(model, "no_sync"):
+    """A context in which backward accumulates gradients without the all-reduce (all but the last micro-batch):
+    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)` (unreduced gradients, unsharded meanwhile)."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    if not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm of the wrapped model's parameters (after DDP's all-reduce every rank
-    holds the same gradients, so every rank clips alike); returns the norm before clipping."""
+    holds the same gradients, so every rank clips alike; under FSDP2 the norm of the sharded gradients is
+    reduced over the ranks, so it is the global one too); returns the norm before clipping."""
     module = model.module if hasattr(model, "module") else model
-    return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ def check_resume_config(cfg: Config, saved: dict, run_dir: Path, extend_steps: i
         )
 
 
+def check_world_size(state: dict, world_size: int, found: Path, allow_reshard: bool) -> None:
+    """A resumed run keeps its number of ranks unless --allow-reshard: the data each sample sees and the global
+    batch stay the same on any number (StepSampler), but the float sums are split otherwise, so the run is no
+    longer bitwise the one it would have been. Checkpoints of both formats hold whole or reshardable tensors."""
+    saved = state.get("world_size")
+    if saved is not None and saved != world_size and not allow_reshard:
+        raise MaskkitError(f"{found} was written by {saved} rank(s), and this run has {world_size}; pass "
+                           f"--allow-reshard to continue it on {world_size} (the same samples and global batch, "
+                           f"float sums split otherwise), or launch {saved} rank(s)")
+
+
 def check_before_training(cfg: Config, resume: bool = False) -> None:
     """What can be checked before any data is read or weights are built: the data's files and folders exist
     and are of the right kind, data.tokenizer suits the data, train.init_from holds a checkpoint.
@@ -187,7 +199,7 @@ def _refuse_a_second_run(run_dir: Path) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: int | None = None,
-          progress: bool = True, extend_steps: int = 0) -> TrainResult:
+          progress: bool = True, extend_steps: int = 0, allow_reshard: bool = False) -> TrainResult:
     """Train `cfg` into `run_dir`. `stop_at_step` checkpoints and returns early, as an interrupted run would.
 
     `extend_steps` (with `resume`; `cfg` is the run's config, as `resume_config` reads it) continues the run
@@ -201,20 +213,21 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at_step: 
 
     The run owns `run_dir` while it trains (RUN/.lock, see `maskkit.runlock`): another train, --resume or
     eval of it is refused with the holder's name. Only rank 0 writes the run directory, so only rank 0
-    takes the lock, and the ranks of one run do not refuse each other. A write that fails (a read-only
+    takes the lock, and the ranks of one run do not refuse each other. `allow_reshard` lets --resume continue on
+    another number of ranks than wrote the checkpoint (`check_world_size`). A write that fails (a read-only
     folder, a full disk) stops the run with one MaskkitError naming the path and the cause; the
     checkpoints written before it are intact.
     """
     check_before_training(cfg, resume)
     lock = RunLock(run_dir, "wait for it to finish, or train into another --out")
     try:
-        return _train(cfg, Path(run_dir), lock, resume, stop_at_step, progress, extend_steps)
+        return _train(cfg, Path(run_dir), lock, resume, stop_at_step, progress, extend_steps, allow_reshard)
     finally:
         lock.release()
 
 
 def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step: int | None,
-           progress: bool, extend_steps: int) -> TrainResult:
+           progress: bool, extend_steps: int, allow_reshard: bool) -> TrainResult:
     info = distributed.setup(cfg.train.device)
     if info.is_main and run_dir.is_dir():
         with writing(run_dir):
@@ -231,14 +244,11 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     # Same seed on every rank, so every rank starts from the same weights.
     torch.manual_seed(tcfg.seed)
     method = build_with_frozen_parts(cfg).to(info.device)
-    peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
-    optimizer = build_optimizer(method, cfg.optim, peak_lr)
-
-    start_step, rng_state, final_loss, best_value = 0, None, math.nan, None
     if extend_steps < 0:
         raise MaskkitError(f"--extend-steps must be an integer >= 1, got {extend_steps}")
     if extend_steps and not resume:
         raise MaskkitError(f"--extend-steps {extend_steps} continues a run: pass --resume too")
+    found = None
     if resume:
         if not (run_dir / "checkpoints" / "latest").exists():
             raise MaskkitError(f"no checkpoint in {run_dir} to resume from; start the run without --resume")
@@ -246,9 +256,38 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
         if extend_steps:
             cfg = extended(cfg, extend_steps)
             tcfg = cfg.train
-        check_resume_config(cfg, checkpoint.read_state(found).get("config") or {}, run_dir, extend_steps)
-        state = checkpoint.load_weights(method, found)
-        start_step, rng_state = checkpoint.load_training_state(optimizer, found, state)
+        state = checkpoint.read_state(found)
+        check_resume_config(cfg, state.get("config") or {}, run_dir, extend_steps)
+        check_world_size(state, info.world_size, found, allow_reshard)
+    else:
+        _refuse_a_second_run(run_dir)
+        if tcfg.init_from:
+            initial = checkpoint.find_checkpoint(tcfg.init_from)
+            checkpoint.load_weights(method, initial)
+            if info.is_main:
+                log.info("initialised the weights from %s", initial)
+    if tcfg.activation_checkpointing:
+        distributed.checkpoint_activations(method)
+
+    # train.parallel=fsdp2 writes sharded checkpoints (DCP) even on one rank, so that the run resumes on any number.
+    sharded_checkpoints = tcfg.parallel == "fsdp2"
+    sharded = sharded_checkpoints and info.enabled
+    # Under FSDP2, rank 0 keeps a whole copy of the method for what it does alone (validation, the figures and
+    # exports at the end), refreshed from the shards before each use (`_refresh`): one more copy of the
+    # weights, where the gradients and the optimizer's moments stay sharded.
+    whole = method if not sharded else copy.deepcopy(method) if info.is_main else None
+    mixed_precision = sharded and tcfg.precision == "bf16" and info.device.type == "cuda"
+    replicated = distributed.shard(method, info, bf16=mixed_precision) if sharded else []
+    peak_lr = peak_learning_rate(cfg.optim, tcfg.batch_size)
+    optimizer = build_optimizer(method, cfg.optim, peak_lr)
+
+    start_step, rng_state, final_loss, best_value = 0, None, math.nan, None
+    if resume:
+        if checkpoint.is_sharded(found):
+            start_step, rng_state = checkpoint.load_sharded_training_state(method, optimizer, found)
+        else:
+            checkpoint.load_weights(method, found)
+            start_step, rng_state = checkpoint.load_training_state(optimizer, found, state)
         final_loss = state.get("loss") if state.get("loss") is not None else math.nan
         best_value = checkpoint.best_value(run_dir, tcfg.best_by)
         if info.is_main:
@@ -256,13 +295,6 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
             if extend_steps:
                 log.info("extended to %d steps: the schedules are those of a %d-step run from here on",
                          tcfg.steps, tcfg.steps)
-    else:
-        _refuse_a_second_run(run_dir)
-        if tcfg.init_from:
-            found = checkpoint.find_checkpoint(tcfg.init_from)
-            checkpoint.load_weights(method, found)
-            if info.is_main:
-                log.info("initialised the weights from %s", found)
 
     # The data first: a data set that cannot be used fails before the run directory is touched.
     # A resumed text run reads the vocabulary it started with, whatever data.tokenizer's file holds now.
@@ -310,6 +342,10 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
         log.warning(slow)
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16"
                 else contextlib.nullcontext())
+    # FSDP2's mixed-precision policy casts the sharded units itself; validation on the whole copy autocasts.
+    step_autocast = contextlib.nullcontext() if mixed_precision else autocast
+    # The name of a sharded checkpoint's temporary folder: rank 0's PID, which every rank must know.
+    writer_pid = int(collectives.all_reduce_sum(torch.tensor(os.getpid() if info.is_main else 0, device=info.device)))
     with writing(run_dir):
         metrics_file = start_metrics(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
         writer = _metrics_writer(run_dir) if info.is_main else None
@@ -354,7 +390,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                 # gradients over ranks, so this rank's mean loss is weighted by its share of the samples.
                 weight = float(counts[m]) * info.world_size / total
                 sync = position == len(running) - 1 or not info.enabled
-                with distributed.no_sync(model, sync), autocast:
+                with distributed.no_sync(model, sync), step_autocast:
                     out = model(prepared)
                     loss = out.loss * weight if weight > 0 else out.loss * 0.0
                 loss.backward()
@@ -373,6 +409,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                     raise MaskkitError(f"non-finite loss ({loss_value}) at step {step}; stopped before the update, "
                                        f"{_last_checkpoint(run_dir)}")
                 final_loss = loss_value
+                distributed.average_gradients(replicated)
                 if cfg.optim.clip_grad > 0:
                     grad_norm = distributed.clip_gradients(model, cfg.optim.clip_grad)
                 optimizer.step()
@@ -391,23 +428,36 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
                     progress.report(row)
                     samples_seen, tic = 0, time.perf_counter()
             # Rank 0 alone measures (on its own copy of the weights: DDP's wrapper is not called, so no rank
-            # waits for a collective the others never reach); the others wait at the next step's all-reduce.
+            # waits for a collective the others never reach; under FSDP2 every rank first gathers the whole
+            # weights into rank 0's copy); the others wait at the next step's all-reduce.
             measured = {}
-            if info.is_main and held_out is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-                measured = {"val_loss": held_out.loss(method, info.device, autocast)}
-                knn = held_out.knn(method, info.device, autocast)
-                if knn is not None:
-                    measured["val_knn"] = knn
-                _write_row(metrics_file, writer, {"step": done, **measured}, "val", run_dir)
-                progress.report_val(measured)
+            if held_out is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+                if sharded:
+                    _refresh(whole, method)
+                if info.is_main:
+                    measured = {"val_loss": held_out.loss(whole, info.device, autocast)}
+                    knn = held_out.knn(whole, info.device, autocast)
+                    if knn is not None:
+                        measured["val_knn"] = knn
+                    _write_row(metrics_file, writer, {"step": done, **measured}, "val", run_dir)
+                    progress.report_val(measured)
             value = measured.get(tcfg.best_by)
             improved = tcfg.keep_best and value is not None and math.isfinite(value) and (
                 best_value is None or (value > best_value if tcfg.best_by == "val_knn" else value < best_value))
+            if sharded and held_out is not None:     # rank 0 decided; all ranks write a sharded checkpoint
+                improved = bool(collectives.all_reduce_sum(torch.tensor(float(improved), device=info.device)) > 0)
             progress.update(done)
-            if info.is_main and (done % tcfg.checkpoint_every == 0 or done == end_step or improved):
-                saved = checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict,
-                                                   tcfg.keep_checkpoints, loss=final_loss, measured=measured)
-                if improved:
+            if done % tcfg.checkpoint_every == 0 or done == end_step or improved:
+                saved = None
+                if sharded_checkpoints:
+                    saved = checkpoint.save_sharded_checkpoint(
+                        run_dir, method, optimizer, done, config_dict, tcfg.keep_checkpoints, writer_pid,
+                        info.is_main, info.world_size, loss=final_loss, measured=measured)
+                elif info.is_main:
+                    saved = checkpoint.save_checkpoint(run_dir, method, optimizer, done, config_dict,
+                                                       tcfg.keep_checkpoints, loss=final_loss, measured=measured,
+                                                       world_size=info.world_size)
+                if improved and info.is_main:
                     checkpoint.mark_best(run_dir, saved, tcfg.keep_checkpoints)
                     best_value = value
         step = end_step
@@ -424,19 +474,28 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
 
     unreadable = collectives.union_of_sets(unreadable)
     backbone_path = None
+    if step == tcfg.steps and sharded:
+        _refresh(whole, method)
     if info.is_main and step == tcfg.steps:
         # The training itself is in the last checkpoint: resuming the finished run writes these again.
         with writing(run_dir, f"; {_last_checkpoint(run_dir)} (--resume writes the exports and figures again)"):
-            for name, (module, module_cfg) in method.exports().items():
+            for name, (module, module_cfg) in whole.exports().items():
                 path = checkpoint.export_module(module, module_cfg, run_dir / f"{name}.safetensors")
                 backbone_path = path if name == "backbone" else backbone_path
             plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
             if last_batch is not None:
-                method.save_figures(prepare(data, last_batch, tcfg.seed, info.device), run_dir, data.denormalize)
+                whole.save_figures(prepare(data, last_batch, tcfg.seed, info.device), run_dir, data.denormalize)
     if info.is_main and unreadable:
         log.warning("skipped %d unreadable image files during training (each named above)", len(unreadable))
     collectives.barrier()
     return TrainResult(run_dir=run_dir, final_step=step, final_loss=final_loss, backbone_path=backbone_path)
+
+
+def _refresh(whole, method) -> None:
+    """Gather an FSDP2 method's shards into rank 0's whole copy (every rank calls it; `whole` is None elsewhere)."""
+    weights = distributed.full_state_dict(method)
+    if whole is not None:
+        whole.load_state_dict(weights, strict=False)
 
 
 def _write_row(metrics_file, writer, row: dict, group: str, run_dir: Path) -> None:
