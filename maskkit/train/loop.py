@@ -271,7 +271,9 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
 
     # train.parallel=fsdp2 writes sharded checkpoints (DCP) even on one rank, so that the run resumes on any number.
     sharded_checkpoints = tcfg.parallel == "fsdp2"
-    sharded = sharded_checkpoints and info.enabled
+    # Sharded wherever a process group exists: torchrun with several ranks, or one that a caller initialised
+    # (benchmarks/cuda_fsdp2_check.py runs FSDP2 on one GPU under NCCL).
+    sharded = sharded_checkpoints and torch.distributed.is_initialized()
     # Under FSDP2, rank 0 keeps a whole copy of the method for what it does alone (validation, the figures and
     # exports at the end), refreshed from the shards before each use (`_refresh`): one more copy of the
     # weights, where the gradients and the optimizer's moments stay sharded.
