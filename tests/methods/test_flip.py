@@ -104,9 +104,14 @@ def gradients(cfg, batch: dict, world_size: int, rank: int) -> dict[str, torch.T
     return {name: p.grad.clone() for name, p in method.named_parameters()}
 
 
-def _rank_main(rank, world_size, init_file, out_dir, cfg_dict, batch_file):
+def _rank_main(rank, world_size, init_file, out_dir, cfg_dict, batch_file, detached_gather=False):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
+    if detached_gather:           # the negative control: the bug a contrastive loss's gather must not have
+        import maskkit.methods.flip as flip_module
+        from maskkit import collectives
+
+        flip_module.all_gather_with_grad = collectives.all_gather_no_grad
     batch = load_file(batch_file)
     batch.update(step=0, total_steps=6)
     grads = gradients(config_from_dict(cfg_dict), batch, world_size, rank)
@@ -116,17 +121,24 @@ def _rank_main(rank, world_size, init_file, out_dir, cfg_dict, batch_file):
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_gradients_of_the_global_batch(tmp_path):
-    """Each rank's rows against every rank's columns (features gathered with gradients) == one big batch."""
+@pytest.mark.parametrize("detached_gather", [False, True])
+def test_two_ranks_give_the_gradients_of_the_global_batch(tmp_path, detached_gather):
+    """Each rank's rows against every rank's columns (features gathered with gradients) == one big batch; with
+    the gather detached (the negative control) the comparison catches the missing gradients."""
     cfg_dict = flip_config_dict()
     cfg = config_from_dict(cfg_dict)
     batch = {k: v for k, v in batch_of(cfg, 8).items() if torch.is_tensor(v)}
     save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / "batch.safetensors")
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), cfg_dict, str(tmp_path / "batch.safetensors")),
-             nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), cfg_dict, str(tmp_path / "batch.safetensors"),
+                               detached_gather), nprocs=2, join=True)
     two = load_file(tmp_path / "grads.safetensors")
     one = gradients(cfg, {**batch, "step": 0, "total_steps": 6}, 1, 0)
     assert one.keys() == two.keys()
+    if detached_gather:
+        with pytest.raises(AssertionError):
+            for name in one:
+                assert_close_at_scale(two[name], one[name], SUMMATION_ORDER, msg=name)
+        return
     for name in one:
         assert_close_at_scale(two[name], one[name], SUMMATION_ORDER, msg=name)
     # Without the gather each rank would contrast only its own 4 pairs: a different gradient.
