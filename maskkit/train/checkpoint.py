@@ -336,9 +336,23 @@ def _load_sharded_weights(method, checkpoint: Path) -> dict[str, torch.Tensor]:
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     check_state_dict(saved, expected, checkpoint / "sharded")
     weights = {key: torch.empty_like(value, device="cpu") for key, value in expected.items()}
-    with _quiet_in_one_process():
+    with _quiet_in_one_process(), _named_failures(checkpoint):
         dcp.load({"model": weights}, checkpoint_id=checkpoint / "sharded", no_dist=True)
     return weights
+
+
+@contextlib.contextmanager
+def _named_failures(checkpoint: Path):
+    """A shard file missing or cut short: DCP raises OSError, or its CheckpointException (a BaseException)
+    holding each rank's traceback, of which the last line names the cause."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        first = (lines[-1] if isinstance(error, CheckpointException) else lines[0]) if lines else type(error).__name__
+        raise MaskkitError(f"{checkpoint / 'sharded'}: cannot read the sharded checkpoint ({first[:200]})") from None
 
 
 @contextlib.contextmanager
@@ -363,7 +377,7 @@ def load_sharded_training_state(method, optimizer, checkpoint: Path) -> tuple[in
     check_state_dict({key[len("model."):]: torch.empty(meta.size, device="meta") for key, meta in saved.items()},
                      method.trainable_state_dict(), checkpoint / "sharded")
     loaded = {"model": method.trainable_state_dict(), "optimizer": get_optimizer_state_dict(method, optimizer)}
-    with _quiet_in_one_process():
+    with _quiet_in_one_process(), _named_failures(checkpoint):
         dcp.load(loaded, checkpoint_id=checkpoint / "sharded")
     method.load_state_dict(loaded["model"], strict=False)
     set_optimizer_state_dict(method, optimizer, optim_state_dict=loaded["optimizer"])

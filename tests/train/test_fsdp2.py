@@ -176,3 +176,19 @@ def test_fsdp2_is_refused_by_energy_and_bad_values_fail_in_one_line():
         config_from_dict(energy_config_dict(train={"parallel": "fsdp2"}))
     with pytest.raises(MaskkitError, match="train.parallel must be ddp or fsdp2"):
         config_from_dict(tiny_config_dict(train={"parallel": "fsdp"}))
+
+
+def test_a_sharded_checkpoint_with_a_shard_missing_or_cut_short_fails_in_one_line(tmp_path):
+    cfg_dict = fsdp2(tiny_config_dict(train={"steps": 2, "checkpoint_every": 2}))    # one process: DCP as well
+    loop.train(config_from_dict(cfg_dict), tmp_path / "run", progress=False)
+    found = checkpoint.find_checkpoint(tmp_path / "run")
+    shard = found / "sharded" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(MaskkitError, match=r"sharded: cannot read the sharded checkpoint \(EOFError"):
+        weights_of(tmp_path / "run")
+    shard.unlink()
+    with pytest.raises(MaskkitError, match=r"sharded: cannot read .*No such file or directory: .*__0_0.distcp"):
+        weights_of(tmp_path / "run")
+    (found / "sharded" / ".metadata").write_bytes(b"")
+    with pytest.raises(MaskkitError, match="unreadable sharded checkpoint"):
+        weights_of(tmp_path / "run")
