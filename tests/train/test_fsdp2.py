@@ -174,6 +174,8 @@ def test_fsdp2_is_refused_by_energy_and_bad_values_fail_in_one_line():
 
     with pytest.raises(MaskkitError, match="train.parallel=fsdp2 is not supported by energy .*; use train.parallel=ddp"):
         config_from_dict(energy_config_dict(train={"parallel": "fsdp2"}))
+    with pytest.raises(MaskkitError, match="train.activation_checkpointing=true is not supported by energy"):
+        config_from_dict(energy_config_dict(train={"activation_checkpointing": True}))
     with pytest.raises(MaskkitError, match="train.parallel must be ddp or fsdp2"):
         config_from_dict(tiny_config_dict(train={"parallel": "fsdp"}))
 
