@@ -94,6 +94,16 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _places(run_dir: Path, step: int, writer_pid: int) -> tuple[Path, str, Path, str]:
+    """(checkpoints folder, the checkpoint's name, its temporary folder, what a failure leaves, for the error)."""
+    directory = Path(run_dir) / "checkpoints"
+    name = f"step_{step:07d}"
+    latest = directory / "latest"
+    previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
+                else "no checkpoint was written before")
+    return directory, name, directory / f".tmp-{name}-{writer_pid}", previous
+
+
 def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, keep: int = 2,
                     loss: float | None = None, measured: dict | None = None, world_size: int = 1) -> Path:
     """Write checkpoint `step` (the number of optimizer steps done) and point `latest` at it.
@@ -104,12 +114,7 @@ def save_checkpoint(run_dir: Path, method, optimizer, step: int, config: dict, k
     write (a full disk, a read-only folder) removes its partial checkpoint and raises a MaskkitError
     naming the file and the cause; `latest` still points at the previous checkpoint, which is untouched.
     """
-    directory = Path(run_dir) / "checkpoints"
-    name = f"step_{step:07d}"
-    tmp = directory / f".tmp-{name}-{os.getpid()}"
-    latest = directory / "latest"
-    previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
-                else "no checkpoint was written before")
+    directory, name, tmp, previous = _places(run_dir, step, os.getpid())
     try:
         _write_checkpoint(directory, tmp, name, method, optimizer, step, config, loss, measured or {}, world_size)
     except (OSError, SafetensorError) as error:
@@ -173,12 +178,7 @@ def save_sharded_checkpoint(run_dir: Path, method, optimizer, step: int, config:
 
     from maskkit import collectives
 
-    directory = Path(run_dir) / "checkpoints"
-    name = f"step_{step:07d}"
-    tmp = directory / f".tmp-{name}-{writer_pid}"
-    latest = directory / "latest"
-    previous = (f"the previous checkpoint {directory / latest.read_text().strip()} is intact" if latest.is_file()
-                else "no checkpoint was written before")
+    directory, name, tmp, previous = _places(run_dir, step, writer_pid)
     try:
         if is_main:
             directory.mkdir(parents=True, exist_ok=True)
