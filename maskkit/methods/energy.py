@@ -91,12 +91,12 @@ class Energy(Method):
     name = "energy"
     supports_bf16 = False
     compile_refusal = "its restoration step differentiates through a gradient, and torch.compile has no double backward"
-    # Measured on torch 2.13, 2 gloo ranks: the double backward through fully_shard's unshard/reshard hooks
-    # crashes the process (SIGSEGV) at the first step.
     # Measured: the recomputation runs in the backward, outside `double_backward_safe`, so attention takes
     # another kernel there and torch.utils.checkpoint refuses the mismatch (CheckpointError).
     activation_checkpointing_refusal = ("its attention runs on the math kernel for the double backward, and a "
                                         "recomputation in the backward would run another one")
+    # Measured on torch 2.13, 2 gloo ranks: the double backward through fully_shard's unshard/reshard hooks
+    # crashes the process (SIGSEGV) at the first step.
     fsdp2_refusal = ("its restoration step differentiates through a gradient, and that double backward crashes "
                      "under fully_shard's hooks")
 

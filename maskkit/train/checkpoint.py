@@ -130,7 +130,7 @@ def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, 
     directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
+    weights = _whole_tensors(method.trainable_state_dict())
     save_file(weights, tmp / "model.safetensors", metadata={"method": method.name})
     publish_mode(tmp / "model.safetensors")
     optim_tensors, optim_meta = _optimizer_tensors(optimizer)
@@ -138,6 +138,11 @@ def _write_checkpoint(directory: Path, tmp: Path, name: str, method, optimizer, 
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     publish_mode(tmp / "optimizer.safetensors")
     _finish(directory, tmp, name, _state(method, step, config, loss, measured, world_size, optimizer=optim_meta))
+
+
+def _whole_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What safetensors writes: detached, on the CPU, contiguous."""
+    return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -211,8 +216,7 @@ def save_whole_checkpoint(method, source: Path, directory: Path) -> None:
     state.pop("parallel", None)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-model-{os.getpid()}.safetensors"
-    weights = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
-    save_file(weights, tmp, metadata={"method": method.name})
+    save_file(_whole_tensors(method.trainable_state_dict()), tmp, metadata={"method": method.name})
     publish_mode(tmp)
     os.replace(tmp, directory / "model.safetensors")
     atomic_write_text(directory / "state.json", json.dumps(state, indent=1))
@@ -298,13 +302,17 @@ def check_state_dict(weights: dict[str, torch.Tensor], expected: dict[str, torch
             )
 
 
-def load_weights(method, checkpoint: Path) -> dict:
-    """Load method weights from a checkpoint; refuses another method's checkpoint. Returns state.json."""
+def _state_of_method(method, checkpoint: Path) -> dict:
+    """state.json of `checkpoint`, refused when another method wrote it."""
     state = read_state(checkpoint)
     if state["method"] != method.name:
-        raise MaskkitError(
-            f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}"
-        )
+        raise MaskkitError(f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}")
+    return state
+
+
+def load_weights(method, checkpoint: Path) -> dict:
+    """Load method weights from a checkpoint; refuses another method's checkpoint. Returns state.json."""
+    state = _state_of_method(method, checkpoint)
     if is_sharded(checkpoint):
         weights = _load_sharded_weights(method, checkpoint)
     else:
@@ -324,18 +332,23 @@ def _sharded_metadata(checkpoint: Path):
         raise MaskkitError(f"{checkpoint / 'sharded'}: unreadable sharded checkpoint ({error})") from None
 
 
+def _check_sharded_fits(method, checkpoint: Path) -> None:
+    """The sharded checkpoint's tensor names and shapes (from its metadata, nothing loaded) against the method's."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {key[len("model."):]: torch.empty(meta.size, device="meta") for key, meta in
+             _sharded_metadata(checkpoint).state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    check_state_dict(saved, method.trainable_state_dict(), checkpoint / "sharded")
+
+
 def _load_sharded_weights(method, checkpoint: Path) -> dict[str, torch.Tensor]:
     """The whole trainable tensors of a sharded checkpoint, read into this process (any number of ranks wrote
     it; DCP reassembles them), checked against the method first."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    expected = method.trainable_state_dict()
-    saved = {key[len("model."):]: torch.empty(meta.size, device="meta") for key, meta in
-             _sharded_metadata(checkpoint).state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    check_state_dict(saved, expected, checkpoint / "sharded")
-    weights = {key: torch.empty_like(value, device="cpu") for key, value in expected.items()}
+    _check_sharded_fits(method, checkpoint)
+    weights = {key: torch.empty_like(value, device="cpu") for key, value in method.trainable_state_dict().items()}
     with _quiet_in_one_process(), _named_failures(checkpoint):
         dcp.load({"model": weights}, checkpoint_id=checkpoint / "sharded", no_dist=True)
     return weights
@@ -369,13 +382,8 @@ def load_sharded_training_state(method, optimizer, checkpoint: Path) -> tuple[in
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    state = read_state(checkpoint)
-    if state["method"] != method.name:
-        raise MaskkitError(f"{checkpoint} is a {state['method']!r} checkpoint, but the config trains {method.name!r}")
-    saved = {key: meta for key, meta in _sharded_metadata(checkpoint).state_dict_metadata.items()
-             if key.startswith("model.")}
-    check_state_dict({key[len("model."):]: torch.empty(meta.size, device="meta") for key, meta in saved.items()},
-                     method.trainable_state_dict(), checkpoint / "sharded")
+    state = _state_of_method(method, checkpoint)
+    _check_sharded_fits(method, checkpoint)
     loaded = {"model": method.trainable_state_dict(), "optimizer": get_optimizer_state_dict(method, optimizer)}
     with _quiet_in_one_process(), _named_failures(checkpoint):
         dcp.load(loaded, checkpoint_id=checkpoint / "sharded")
@@ -412,7 +420,7 @@ def export_module(module, config: dict, path: Path) -> Path:
     """One exported network (the ViT encoder, a text tower) plus its config, for downstream use."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    weights = _whole_tensors(module.state_dict())
     try:
         save_file(weights, tmp, metadata={"config": json.dumps(config)})
         publish_mode(tmp)

@@ -115,15 +115,15 @@ def shard(method, info: DistInfo, bf16: bool = False) -> list[torch.nn.Parameter
               else MixedPrecisionPolicy())
     frozen = method.__dict__.get("_frozen_modules", [])
     inside_frozen = {id(module) for part in frozen for module in part.modules()}
+    frozen_parameters = [p for part in frozen for p in part.parameters()]
+    frozen_ids = {id(p) for p in frozen_parameters}       # ids: a tensor's == is elementwise
     for module in list(method.modules()):
         if isinstance(module, Block) and id(module) not in inside_frozen:
             fully_shard(module, mesh=mesh, mp_policy=policy)
             for name in Block.forward_methods:
                 register_fsdp_forward_method(module, name)
-    replicated = [p for p in method.parameters() if p.dim() == 0 and id(p) not in
-                  {id(q) for part in frozen for q in part.parameters()}]
-    ignored = {p for part in frozen for p in part.parameters()} | set(replicated)
-    fully_shard(method, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    replicated = [p for p in method.parameters() if p.dim() == 0 and id(p) not in frozen_ids]
+    fully_shard(method, mesh=mesh, mp_policy=policy, ignored_params={*frozen_parameters, *replicated})
     # The root warns that a method's output holds views (its detached logs): an in-place op on one would skip
     # the pre-backward hook. The loop only reads them (`step_loss += loss.detach()` adds into its own tensor).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+\) returned a view tensor")

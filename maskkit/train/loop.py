@@ -347,7 +347,8 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
     # FSDP2's mixed-precision policy casts the sharded units itself; validation on the whole copy autocasts.
     step_autocast = contextlib.nullcontext() if mixed_precision else autocast
     # The name of a sharded checkpoint's temporary folder: rank 0's PID, which every rank must know.
-    writer_pid = int(collectives.all_reduce_sum(torch.tensor(os.getpid() if info.is_main else 0, device=info.device)))
+    writer_pid = (int(collectives.all_reduce_sum(torch.tensor(os.getpid() if info.is_main else 0, device=info.device)))
+                  if sharded else os.getpid())
     with writing(run_dir):
         metrics_file = start_metrics(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
         writer = _metrics_writer(run_dir) if info.is_main else None
@@ -433,7 +434,8 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
             # waits for a collective the others never reach; under FSDP2 every rank first gathers the whole
             # weights into rank 0's copy); the others wait at the next step's all-reduce.
             measured = {}
-            if held_out is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+            measuring = held_out is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps)
+            if measuring:
                 if sharded:
                     _refresh(whole, method)
                 if info.is_main:
@@ -446,7 +448,7 @@ def _train(cfg: Config, run_dir: Path, lock: RunLock, resume: bool, stop_at_step
             value = measured.get(tcfg.best_by)
             improved = tcfg.keep_best and value is not None and math.isfinite(value) and (
                 best_value is None or (value > best_value if tcfg.best_by == "val_knn" else value < best_value))
-            if sharded and held_out is not None:     # rank 0 decided; all ranks write a sharded checkpoint
+            if sharded and measuring:     # rank 0 decided; all ranks write a sharded checkpoint
                 improved = bool(collectives.all_reduce_sum(torch.tensor(float(improved), device=info.device)) > 0)
             progress.update(done)
             if done % tcfg.checkpoint_every == 0 or done == end_step or improved:
