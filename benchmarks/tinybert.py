@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from maskkit.config import load_config
-from maskkit.distill import accuracy, distill, test_documents
+from maskkit.distill import distill, test_documents
+from maskkit.eval.text import task_accuracy
 from maskkit.methods.tinybert import load_teacher, save_teacher
 from maskkit.nn.transformer import SequenceClassifier, TextTransformer
 from maskkit.train.checkpoint import find_checkpoint
@@ -125,7 +126,7 @@ def main() -> None:
         models = {"teacher": teacher, "TinyBERT": student,
                   "without augmentation": load_teacher_from_run(no_aug / "prediction")[0],
                   "general distillation only": gd_only, "no distillation": no_distill}
-        accuracies = {name: accuracy(model, test, model.labels, names) for name, model in models.items()}
+        accuracies = {name: task_accuracy(model, test, model.labels, names) for name, model in models.items()}
         results[setting] = {"accuracy": accuracies, "task_documents": summary["task_documents"],
                             "augmented_documents": summary["augmented_documents"],
                             "augmented_documents_without": no_aug_summary["augmented_documents"],
