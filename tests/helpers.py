@@ -1,7 +1,9 @@
 """Helpers several tests share: run the real loop on 2 gloo ranks, compare checkpoints, capture gradients."""
 
+import ast
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -138,3 +140,14 @@ def fit_one_batch(method, batch: dict, steps: int, lr: float = 3e-3) -> list[dic
         optimizer.step()
         logs.append({name: float(value) for name, value in out.logs.items()})
     return logs
+
+
+def maskkit_imports(path) -> list[tuple[str, str | None]]:
+    """(module, name) for each `from maskkit... import name` in a Python file, (module, None) for each `import maskkit...`."""
+    found = []
+    for node in ast.walk(ast.parse(Path(path).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "maskkit":
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names if alias.name.split(".")[0] == "maskkit"]
+    return found

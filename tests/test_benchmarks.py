@@ -1,25 +1,15 @@
 """Every benchmark script names only what maskkit has: a renamed function must not leave a script that fails after
 an hour's setup (benchmarks/tinybert.py imported a `maskkit.distill.accuracy` that a refactor had moved)."""
 
-import ast
 import importlib
 import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import maskkit_imports
+
 BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
-
-
-def maskkit_imports(path: Path) -> list[tuple[str, str | None]]:
-    """(module, name) for each `from maskkit... import name` and (module, None) for each `import maskkit...`."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "maskkit":
-            found += [(node.module, alias.name) for alias in node.names]
-        elif isinstance(node, ast.Import):
-            found += [(alias.name, None) for alias in node.names if alias.name.split(".")[0] == "maskkit"]
-    return found
 
 
 def test_the_benchmarks_are_found():

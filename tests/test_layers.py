@@ -4,10 +4,10 @@ The imports are read from the source (every `import` and `from ... import`, thos
 too), so a lazy import that reaches upwards counts like any other.
 """
 
-import ast
 from pathlib import Path
 
 import maskkit
+from tests.helpers import maskkit_imports
 
 PACKAGE = Path(maskkit.__file__).parent
 
@@ -33,13 +33,7 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "maskkit":
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "maskkit")
-    return found
+    return {module for module, _ in maskkit_imports(path)}
 
 
 def graph() -> dict[str, set[str]]:
