@@ -47,7 +47,8 @@ def pretrain(objective: str, seed: int, out: Path, overrides: list[str]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--objectives", nargs="+", default=["mlm", "pmlm", "xlnet"])
+    # choices: overrides written after --objectives would otherwise be taken for objectives
+    parser.add_argument("--objectives", nargs="+", default=["mlm", "pmlm", "xlnet"], choices=["mlm", "pmlm", "xlnet"])
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--out", default="runs/text-low-label")
     parser.add_argument("overrides", nargs="*", help="eval.* (or train.*) overrides for every run")

@@ -34,6 +34,13 @@ then stayed near the corrupted input (+0.03 dB, the issue's measurement) and the
 text (beyond the abstract) could not be read here: that alpha is learnt is the paper's; normalising the
 step and alpha's learning rate are maskkit's choices. Measured (benchmarks/energy_fidelity.py, 200 steps):
 masked held-out digits +3.3 dB after one step, alpha 0.50 -> 0.63.
+
+The energy's input (`model.energy_pool`). The paper's pseudo-code is `head(model(x))`: a scalar head on what
+the ViT returns, which the text does not pin down. "mean" (the default and the recipes') reads the mean of the
+final-norm tokens; "cls" reads the [CLS] token, so that the restoration's gradient reaches the patches only
+through [CLS]'s attention, the token that [CLS] fine-tuning reads. Measured (seed 2, 600 steps, the 10-labels-
+per-class fine-tune of benchmarks/energy_fidelity.py, [CLS]): mean 0.176, cls 0.274, random init 0.704. Neither
+beats random init; the README's energy section has the rest of what was tried.
 """
 
 import math
@@ -63,6 +70,8 @@ class EnergyConfig:
     corruption: str = "mim"          # mim | shuffle | sr | noise | gray | mix (one per sample)
     mask_ratio: float = 0.75         # for mim
     loss_on: str = "all"             # all pixels, or only the corrupted ones ("corrupted")
+    # What E reads (docstring, "The energy's input"): "mean" of the final-norm tokens, or the "cls" token.
+    energy_pool: str = "mean"
 
     def check(self, data, source: str) -> None:
         self.encoder.check(source, "model.encoder")
@@ -79,6 +88,9 @@ class EnergyConfig:
         require(self.corruption in CORRUPTIONS, source, "model.corruption", self.corruption, ", ".join(CORRUPTIONS))
         require_float(source, "model.mask_ratio", self.mask_ratio, 0.0, 1.0, low_open=True, high_open=True)
         require(self.loss_on in ("all", "corrupted"), source, "model.loss_on", self.loss_on, "all or corrupted")
+        require(self.energy_pool in ("mean", "cls"), source, "model.energy_pool", self.energy_pool, "mean or cls")
+        require(self.energy_pool != "cls" or self.encoder.cls_token, source, "model.energy_pool", self.energy_pool,
+                "mean (model.encoder.cls_token is false: there is no [CLS] token to read)")
 
 
 def psnr(restored: torch.Tensor, clean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -129,7 +141,8 @@ class Energy(Method):
     def energy(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B,) energies E(x) (Sec 3.1)."""
         tokens = self.encoder(images)                                   # (B, [1+] N, D), final norm applied
-        return self.energy_head(tokens.mean(1)).squeeze(-1)
+        pooled = tokens[:, 0] if self.cfg.energy_pool == "cls" else tokens.mean(1)     # (B, D)
+        return self.energy_head(pooled).squeeze(-1)
 
     def restore(self, corrupted: torch.Tensor, steps: int, create_graph: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """x_{k+1} = x_k - alpha dE/dx_k for k < steps; returns ([x_1 .. x_K], [E(x_0) .. E(x_{K-1})]).

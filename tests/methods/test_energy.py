@@ -125,6 +125,17 @@ def test_small_steps_descend_the_energy_on_leaf_inputs():
     assert (path[1:] < path[:-1]).all(), path
 
 
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_the_energy_reads_the_pooled_token_it_is_told_to(pool):
+    model = tiny_energy(energy_pool=pool).eval()
+    images = torch.randn(3, 3, 8, 8)
+    tokens = model.encoder(images)                                            # (B, 1 + N, D)
+    pooled = tokens[:, 0] if pool == "cls" else tokens.mean(1)
+    torch.testing.assert_close(model.energy(images), pooled @ model.energy_head.weight[0], rtol=0, atol=1e-6)
+    other = tokens.mean(1) if pool == "cls" else tokens[:, 0]
+    assert not torch.allclose(model.energy(images), other @ model.energy_head.weight[0], atol=1e-3)
+
+
 def test_normalized_step_moves_each_image_by_alpha_rms_whatever_the_energy_scale():
     """The defect: |alpha dE/dx| was ~5e-4 of the correction at init. A normalised step is alpha (RMS per
     pixel) for every image, and scaling the energy head by 1000 does not change it."""
@@ -231,10 +242,15 @@ def test_bad_values_fail_in_one_line():
                           (("model", "alpha_lr_scale", 0.0), "model.alpha_lr_scale"),
                           (("model", "normalize_step", "yes"), "model.normalize_step"),
                           (("eval", "finetune_labels_per_class", -1), "eval.finetune_labels_per_class"),
-                          (("model", "corruption", "blur"), "model.corruption"), (("train", "precision", "bf16"), "train.precision")):
-        section, name, value = override
+                          (("model", "corruption", "blur"), "model.corruption"),
+                          (("model", "energy_pool", "max"), "model.energy_pool"),
+                          (("model", "energy_pool", "cls", "encoder"), "model.energy_pool"), (("train", "precision", "bf16"), "train.precision")):
+        section, name, value, *no_cls = override
+        sections = {section: {name: value}}
+        if no_cls:                                            # [CLS] energy on a ViT without a [CLS] token
+            sections["model"]["encoder"] = {"cls_token": False}
         with pytest.raises(MaskkitError, match=key.replace(".", r"\.")):
-            config_from_dict(energy_config_dict(**{section: {name: value}}))
+            config_from_dict(energy_config_dict(**sections))
 
 
 @pytest.mark.slow
