@@ -2,8 +2,8 @@
 
 For a run's backbone and for its random init (the ViT of the same config and seed, the one the run started
 from), each block's output tokens on the digits are pooled two ways ([CLS], mean of the patch tokens),
-standardised, and read by a logistic regression fitted on the digits training split; the table is the test
-accuracy per block. `--reset PREFIX ...` first puts the parameters whose names start with a prefix back to
+read by maskkit's linear probe (`maskkit.eval.linear_probe`, the `--protocol linear` probe: BatchNorm + linear,
+eval.probe_* settings) fitted on the digits training split; the table is the test accuracy per block. `--reset PREFIX ...` first puts the parameters whose names start with a prefix back to
 their init (`patch_embed`, `blocks.0.`), to see which parts carry a change.
 
 Used for the energy method (README, energy section): its loss reaches the weights only through dE/dx, so the
@@ -16,27 +16,25 @@ restores the pixels. MAE (a separate decoder) is the comparison.
 
 import argparse
 
-import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset
+from maskkit.eval.linear_probe import linear_probe
 from maskkit.eval.run import load_backbone
 from maskkit.nn.transformer import ViT
 
 
-def digits(cfg, split: str, limit: int) -> tuple[torch.Tensor, np.ndarray]:
+def digits(cfg, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised images, labels) of the first `limit` labelled images of a split."""
     dataset = labelled_dataset(cfg.data, split)
     items = [dataset[i] for i in range(min(limit, len(dataset)))]
     images = torch.stack([item["images"] for item in items]).float()
-    return ImageAugment(cfg.data).normalize(images), np.array([int(item["label"]) for item in items])
+    return ImageAugment(cfg.data).normalize(images), torch.tensor([int(item["label"]) for item in items])
 
 
 @torch.no_grad()
-def block_features(vit: ViT, images: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+def block_features(vit: ViT, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     """{block name: {"cls": (B, D), "mean": (B, D)}} for each block's output and the final-norm tokens."""
     outputs = []
     hooks = [block.register_forward_hook(lambda module, inputs, output: outputs.append(output)) for block in vit.blocks]
@@ -46,13 +44,7 @@ def block_features(vit: ViT, images: torch.Tensor) -> dict[str, dict[str, np.nda
         for hook in hooks:
             hook.remove()
     named = {f"block {k}": tokens for k, tokens in enumerate(outputs)} | {"final norm": final}
-    return {name: {"cls": tokens[:, 0].numpy(), "mean": tokens[:, 1:].mean(1).numpy()} for name, tokens in named.items()}
-
-
-def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    scaler = StandardScaler().fit(train_x)
-    classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(train_x), train_y)
-    return float(classifier.score(scaler.transform(test_x), test_y))
+    return {name: {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(1)} for name, tokens in named.items()}
 
 
 def main() -> None:
@@ -81,10 +73,13 @@ def main() -> None:
     rows = {}
     for name, vit in (("pretrained", backbone), ("random init", random_init)):
         train_features, test_features = block_features(vit, train_images), block_features(vit, test_images)
-        rows[name] = {(block, pool): probe(train_features[block][pool], train_labels, test_features[block][pool], test_labels)
+        rows[name] = {(block, pool): linear_probe(train_features[block][pool], train_labels, test_features[block][pool],
+                                                  test_labels, int(train_labels.max()) + 1, epochs=cfg.eval.probe_epochs,
+                                                  lr=cfg.eval.probe_lr, batch_size=cfg.eval.probe_batch_size,
+                                                  seed=args.seed).test_accuracy
                       for block in train_features for pool in ("cls", "mean")}
     columns = list(rows["pretrained"])
-    print(f"digits test accuracy of a logistic-regression probe ({len(train_labels)} train / {len(test_labels)} test images)")
+    print(f"digits test accuracy of a linear probe ({len(train_labels)} train / {len(test_labels)} test images)")
     print(f"{'':<12}" + "".join(f"{block + ' ' + pool:>16}" for block, pool in columns))
     for name, row in rows.items():
         print(f"{name:<12}" + "".join(f"{row[column]:>16.3f}" for column in columns))
