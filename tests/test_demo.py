@@ -55,3 +55,14 @@ def test_text_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert (tmp_path / "text" / objective / "backbone.safetensors").is_file()
     assert "wiki topic classification" in capsys.readouterr().out
     assert main(["demo", "text", "--out", str(tmp_path / "text"), "model.dim=8"]) == 2
+
+
+def test_text_demo_trains_mlm_and_pmlm_longer_and_the_users_overrides_win():
+    from maskkit.demo import demo_text_config
+
+    for objective in ("mlm", "pmlm"):
+        cfg = demo_text_config(objective, [])
+        assert (cfg.train.steps, cfg.optim.base_lr, cfg.optim.warmup_steps) == (1000, 1.2e-2, 100)
+    assert demo_text_config("xlnet", []).train.steps == 400                # the recipe's: XLNet meets the gate there
+    cfg = demo_text_config("mlm", ["train.steps=400", "optim.base_lr=4e-3"])
+    assert (cfg.train.steps, cfg.optim.base_lr, cfg.optim.warmup_steps) == (400, 4e-3, 100)
