@@ -13,8 +13,12 @@ still writes, use the 4.x names (`vit.encoder.layer.0.attention.attention.query.
 """
 
 import contextlib
+import importlib.util
+import io
 import json
+import logging
 import math
+import sys
 from collections.abc import Iterable
 from os import PathLike
 from pathlib import Path
@@ -247,11 +251,34 @@ def mae_to_hf_state_dict(mae_state_dict: dict[str, torch.Tensor], cfg: MAEConfig
 
 
 def _import_transformers():
+    _import_torchao_quietly()
     try:
         import transformers
     except ImportError as error:
         raise MaskkitError("Hugging Face interop needs transformers: pip install 'maskkit[hf]'") from error
     return transformers
+
+
+def _import_torchao_quietly() -> None:
+    """transformers imports torchao when it is installed (maskkit's dev extra has it, for a parity test), and
+    torchao 0.18 on a CPU-only torch prints four lines (a CUDA kernel library it cannot load, no triton, and
+    torch's pytree warning that its Enums need no registration, on imports transformers makes later). None of
+    it concerns a maskkit user: the first import happens here with its messages held back, and the pytree
+    logger drops that one deprecation message (a filter on it, nothing else)."""
+    if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
+        return
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage())
+    torchao_logger = logging.getLogger("torchao")
+    level = torchao_logger.level
+    torchao_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import torchao.quantization  # noqa: F401
+    except Exception:                        # a broken optional install: transformers will say so if it needs it
+        pass
+    finally:
+        torchao_logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -144,3 +144,15 @@ def test_what_is_not_a_bert_is_refused_in_one_line(tmp_path):
         load_hf_bert(transformers.XLNetModel(transformers.XLNetConfig(vocab_size=10, d_model=8, n_layer=1, n_head=2)))
     with pytest.raises(MaskkitError, match=r"task must be one of"):
         save_hf_bert(load_hf_bert(transformers.BertModel(bert_config())), tmp_path / "y", task="fill-mask")
+
+
+def test_loading_minilm_prints_nothing_even_with_torchao_installed():
+    # transformers imports torchao (maskkit's dev extra) and torchao prints four lines on a CPU-only torch;
+    # a fresh process, so that nothing was imported before
+    import subprocess
+    import sys
+
+    code = "from maskkit.interop.hf_bert import load_hf_bert, minilm_dir; load_hf_bert(minilm_dir())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
