@@ -453,6 +453,8 @@ def augment_documents(documents: list[str], tokenizer, embedding: torch.Tensor, 
     replaced with probability p by one of its K candidates (a masked LM's for single-piece words when
     `predict_masked` is given, else the teacher-embedding neighbours), duplicates dropped. The rest of the text
     (case, punctuation, spacing) is kept. Document i's randomness is its own (seed, first_index + i)."""
+    if copies == 0:                 # no augmentation: the documents as they are, without finding any neighbours
+        return [[text] for text in documents]
     vocabulary = tokenizer.backend.get_vocab()
     words = sorted({word for text in documents for _, _, word in eligible_words(text)})
     pieces = tokenizer.encode_plain(words)
