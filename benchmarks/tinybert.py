@@ -13,6 +13,10 @@ forward pass in eval mode on this CPU: latency at batch 1 and throughput at batc
 
     python benchmarks/tinybert.py --out runs/tinybert-bench            # ~1 h on a 2-core CPU
     python benchmarks/tinybert.py --out runs/b --settings 1000 -- model.general_steps=100   # recipe overrides
+    python benchmarks/tinybert.py --shapes 3x192h12 3x144h6 2x192h12    # student shapes' size and speed only, ~1 min
+
+--shapes trains nothing: it builds the teacher's architecture and each student (DEPTHxWIDTHhHEADS, the recipe's
+student otherwise) with random weights, which do not change the speed, and prints the ratios of the table.
 """
 
 import argparse
@@ -95,9 +99,14 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=["all", "1000"], help="label settings: all and/or a count")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. model.general_steps=100")
+    parser.add_argument("--shapes", nargs="*", default=None, metavar="DxWhH",
+                        help="only the size and speed of these student shapes, e.g. 3x192h12 2x192h6")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.shapes is not None:
+        shape_speeds(args.shapes, args.overrides)
+        return
     out = Path(args.out)
     shared = None
     rows, results = [], {}
@@ -151,6 +160,41 @@ def main() -> None:
           f"{student_inner / 1e6:.2f}M ({teacher_inner / student_inner:.1f}x fewer)")
     print(f"speed on this CPU ({torch.get_num_threads()} threads): {latency:.1f}x lower latency at batch 1 x 128, "
           f"{throughput:.1f}x the throughput at batch 32 x 128")
+
+
+def shape_speeds(shapes: list[str], overrides: list[str], rounds: int = 10) -> None:
+    """Parameter, latency and throughput ratios of student shapes against the teacher's architecture (MiniLM:
+    6 layers, width 384, 12 heads), all with random weights, in this process. Each round times every model once
+    in a rotating order (a forward at batch 32 x 128, and the median of 5 at batch 1); a ratio is the median over
+    rounds of the ratio within a round, so that the machine's drift between models cancels."""
+    import dataclasses
+    import re
+
+    student = load_config(RECIPE, overrides).model.student
+    labels = [str(i) for i in range(11)]
+    torch.manual_seed(0)
+    models = [SequenceClassifier(TextTransformer(dataclasses.replace(student, depth=6, dim=384, num_heads=12)),
+                                 len(labels), labels)]
+    for shape in shapes:
+        match = re.fullmatch(r"(\d+)x(\d+)h(\d+)", shape)
+        if match is None:
+            raise SystemExit(f"--shapes: {shape!r} is not DEPTHxWIDTHhHEADS, e.g. 3x192h12")
+        depth, dim, heads = (int(g) for g in match.groups())
+        models.append(SequenceClassifier(TextTransformer(dataclasses.replace(student, depth=depth, dim=dim,
+                                                                             num_heads=heads)), len(labels), labels))
+    latency, batch = [[] for _ in models], [[] for _ in models]
+    for round_index in range(rounds):
+        order = list(range(len(models)))
+        for i in order[round_index % len(order):] + order[: round_index % len(order)]:
+            latency[i].append(speed(models[i], 1, repeats=5))
+            batch[i].append(speed(models[i], 32, repeats=1))
+    teacher_inner = parameters(models[0])[1]
+    print(f"{'student':<10} {'params w/o embeddings':>22} {'latency, batch 1':>17} {'throughput, 32 x 128':>21}"
+          f"   ({rounds} rounds, {torch.get_num_threads()} threads)")
+    for i, shape in enumerate(shapes, start=1):
+        lat = statistics.median(t / s for t, s in zip(latency[0], latency[i], strict=True))
+        thr = statistics.median(t / s for t, s in zip(batch[0], batch[i], strict=True))
+        print(f"{shape:<10} {teacher_inner / parameters(models[i])[1]:21.1f}x {lat:16.1f}x {thr:20.1f}x")
 
 
 def load_teacher_from_run(run: Path):
