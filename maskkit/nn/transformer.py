@@ -60,14 +60,18 @@ class Attention(nn.Module):
         (B, Lk, D), which defaults to `x` (one fused matmul then)."""
         batch, length, _ = x.shape
         head_dim, inner = self.head_dim, self.num_heads * self.head_dim
+        # Split along the last dimension and transpose each part: views with the same strides as a permute of
+        # the packed (B, L, 3, H, D/H) tensor, but the backward joins the three gradients with one cat straight
+        # into the qkv matmul's layout, where unbinding a permuted copy stacked them and copied twice more.
         if context is None:
-            qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
-            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            parts = self.qkv(x).split(inner, dim=-1)
+            return tuple(part.view(batch, length, self.num_heads, head_dim).transpose(1, 2) for part in parts)
         weight, bias = self.qkv.weight, self.qkv.bias
         q = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
         kv = F.linear(context, weight[inner:], None if bias is None else bias[inner:])
         q = q.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
-        k, v = kv.reshape(batch, context.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = (part.view(batch, context.shape[1], self.num_heads, head_dim).transpose(1, 2)
+                for part in kv.split(inner, dim=-1))
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
