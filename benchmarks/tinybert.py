@@ -30,6 +30,7 @@ import torch
 
 from maskkit.config import load_config
 from maskkit.distill import distill, test_documents
+from maskkit.errors import MaskkitError
 from maskkit.eval.text import task_accuracy
 from maskkit.methods.tinybert import load_teacher, save_teacher
 from maskkit.nn.transformer import SequenceClassifier, TextTransformer
@@ -180,8 +181,12 @@ def shape_speeds(shapes: list[str], overrides: list[str], rounds: int = 10) -> N
         if match is None:
             raise SystemExit(f"--shapes: {shape!r} is not DEPTHxWIDTHhHEADS, e.g. 3x192h12")
         depth, dim, heads = (int(g) for g in match.groups())
-        models.append(SequenceClassifier(TextTransformer(dataclasses.replace(student, depth=depth, dim=dim,
-                                                                             num_heads=heads)), len(labels), labels))
+        shaped = dataclasses.replace(student, depth=depth, dim=dim, num_heads=heads)
+        try:
+            shaped.check(f"--shapes {shape}", "model.student")
+        except MaskkitError as error:
+            raise SystemExit(str(error)) from None
+        models.append(SequenceClassifier(TextTransformer(shaped), len(labels), labels))
     latency, batch = [[] for _ in models], [[] for _ in models]
     for round_index in range(rounds):
         order = list(range(len(models)))

@@ -249,6 +249,9 @@ def check_layer_shapes(cfg, source: str, prefix: str) -> None:
 
 def layer_shapes(cfg) -> list[tuple[int, int, int]]:
     """(heads, head width, feed-forward neurons) of each layer of a ViTConfig or TextConfig."""
+    if not cfg.head_dim and cfg.dim % cfg.num_heads:
+        # A config built in Python skips check(): refused here, not built with narrower heads than it says.
+        raise MaskkitError(f"width {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
     head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
     heads = cfg.layer_heads or [cfg.num_heads] * cfg.depth
     hidden = cfg.layer_hidden or [int(cfg.dim * cfg.mlp_ratio)] * cfg.depth

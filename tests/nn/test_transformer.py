@@ -4,7 +4,7 @@ import torch
 from maskkit.errors import MaskkitError
 from maskkit.nn.masking import gather_tokens
 from maskkit.nn.pos_embed import sincos_2d
-from maskkit.nn.transformer import Attention, ViT, ViTConfig, double_backward_safe
+from maskkit.nn.transformer import Attention, TextConfig, TextTransformer, ViT, ViTConfig, double_backward_safe
 from tests.helpers import SUMMATION_ORDER, assert_close_at_scale
 
 
@@ -65,6 +65,16 @@ def test_image_size_must_divide_by_patch():
         ViT(ViTConfig(image_size=30, patch_size=4))
     with pytest.raises(MaskkitError, match=r"\(3, 3, 32, 32\)"):
         tiny_vit()(torch.randn(3, 3, 32, 32))
+
+
+def test_a_width_the_heads_do_not_divide_is_refused_when_the_config_is_built_in_python():
+    # check() refuses it in a recipe; a TextConfig built in Python skips check() and once got heads of
+    # 190 // 12 = 15 (an inner width of 180) without a word
+    with pytest.raises(MaskkitError, match="width 190 is not divisible by num_heads 12"):
+        TextTransformer(TextConfig(dim=190, num_heads=12))
+    with pytest.raises(MaskkitError, match="width 200 is not divisible by num_heads 12"):
+        ViT(ViTConfig(image_size=16, patch_size=4, dim=200, num_heads=12))
+    assert TextTransformer(TextConfig(dim=180, num_heads=12)).blocks[0].attn.head_dim == 15
 
 
 @pytest.fixture
