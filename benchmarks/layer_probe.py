@@ -21,7 +21,7 @@ import torch
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset
 from maskkit.eval.linear_probe import linear_probe
-from maskkit.eval.run import load_backbone
+from maskkit.eval.run import load_backbone, random_backbone
 from maskkit.nn.transformer import ViT
 
 
@@ -58,8 +58,7 @@ def main() -> None:
     backbone, cfg = load_backbone(args.run)
     if cfg.data.eval_split == 0:
         raise SystemExit(f"{args.run}: the run pretrained on every image (data.eval_split=0); no held-out split to test on")
-    torch.manual_seed(args.seed)
-    random_init = ViT(backbone.cfg)
+    random_init = random_backbone(cfg, args.seed)                      # the ViT the run started from
     if backbone.cls_token is None:
         raise SystemExit(f"{args.run}: the ViT has no [CLS] token; this probe reads [CLS] and the mean token")
     if args.reset:

@@ -20,7 +20,9 @@ student otherwise) with random weights, which do not change the speed, and print
 """
 
 import argparse
+import dataclasses
 import json
+import re
 import shutil
 import statistics
 import time
@@ -168,9 +170,6 @@ def shape_speeds(shapes: list[str], overrides: list[str], rounds: int = 10) -> N
     6 layers, width 384, 12 heads), all with random weights, in this process. Each round times every model once
     in a rotating order (a forward at batch 32 x 128, and the median of 5 at batch 1); a ratio is the median over
     rounds of the ratio within a round, so that the machine's drift between models cancels."""
-    import dataclasses
-    import re
-
     student = load_config(RECIPE, overrides).model.student
     labels = [str(i) for i in range(11)]
     torch.manual_seed(0)
