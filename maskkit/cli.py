@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
                                            "variants: maskkit pareto RUN... --out DIR")
     pareto.add_argument("runs", nargs="+", help="maskkit runs (compressed runs bring their compress.json numbers)")
     pareto.add_argument("--out", required=True, help="the folder for pareto.png and pareto.json")
+    pareto.add_argument("--names", nargs="+", help="a label per run for the plot and table, in order (default: "
+                                                   "the run folder's name)")
     _measurement_arguments(pareto)
 
     sub.add_parser("ls", help="list bundled recipes")
@@ -371,7 +373,7 @@ def run(args) -> int:
         from maskkit.efficiency.pareto import pareto
 
         rows = pareto(args.runs, args.out, batch=args.batch, length=args.length, compile=args.compile,
-                      repeats=args.repeats, test=args.test)
+                      repeats=args.repeats, test=args.test, names=args.names)
         print(f"{'run':40s} {rows[0]['metric']:>22s} {'latency ms':>10s} {'size MB':>8s}  front")
         for r in rows:
             marks = ",".join(k for k, key in (("latency", "front_latency_ms"), ("size", "front_size_mb")) if r.get(key))

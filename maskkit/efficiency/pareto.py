@@ -43,10 +43,16 @@ def front(rows: list[dict], cost: str) -> list[int]:
 
 
 def pareto(runs: list[str], out: str | Path, *, batch: int = 32, length: int | None = None, compile: bool = False,
-           repeats: int = 20, test: str | None = None) -> list[dict]:
+           repeats: int = 20, test: str | None = None, names: list[str] | None = None) -> list[dict]:
+    """`names`: one label per run for the plot and table (default: the run folder's name)."""
     if not runs:
         raise MaskkitError("pareto needs at least one run")
+    if names is not None and len(names) != len(runs):
+        raise MaskkitError(f"--names has {len(names)} label{'s' * (len(names) != 1)} for {len(runs)} runs; "
+                           "give one per run, in order")
     rows = [measure(Path(run).expanduser(), batch, length, compile, repeats, test) for run in runs]
+    for row, name in zip(rows, names or [], strict=False):
+        row["name"] = name
     metrics = {r["metric"] for r in rows}
     if len(metrics) > 1:
         raise MaskkitError(f"the runs are measured by different protocols ({', '.join(sorted(metrics))}); compare "

@@ -178,8 +178,13 @@ def test_pareto_front_and_plot(run_dir, tmp_path, capsys):
     sparse = tmp_path / "sparse"
     assert main(["compress", str(run_dir), "--prune-unstructured", "0.5", "--repeats", "2", "--batch", "4",
                  "--out", str(sparse)]) == 0
-    assert main(["pareto", str(run_dir), str(sparse), "--repeats", "2", "--batch", "4", "--out", str(tmp_path / "p")]) == 0
+    assert main(["pareto", str(run_dir), str(sparse), "--repeats", "2", "--batch", "4", "--out", str(tmp_path / "p"),
+                 "--names", "MAE", "MAE, half the weights zero"]) == 0
     table = json.loads((tmp_path / "p" / "pareto.json").read_text())
     assert [r["run"] for r in table] == [str(run_dir), str(sparse)] and (tmp_path / "p" / "pareto.png").stat().st_size
+    assert [r["name"] for r in table] == ["MAE", "MAE, half the weights zero"]
+    assert "MAE, half the weights zero" in capsys.readouterr().out
+    assert main(["pareto", str(run_dir), str(sparse), "--names", "one", "--out", str(tmp_path / "q")]) == 2
+    assert "--names has 1 label for 2 runs" in capsys.readouterr().err and not (tmp_path / "q").exists()
     assert table[1]["quality"] == json.loads((sparse / "compress.json").read_text())["after"]["quality"]["value"]
     capsys.readouterr()
