@@ -19,6 +19,7 @@ threads (reported: latency depends on them).
 """
 
 import contextlib
+import re
 import statistics
 import time
 import weakref
@@ -187,6 +188,17 @@ def _out_of_memory(error: BaseException) -> bool:
         or isinstance(error, MemoryError)
 
 
+def _allocation(error: BaseException) -> str:
+    """The allocation that failed, in GiB or TiB where the allocator says how many bytes (CPU: "you tried to allocate
+    N bytes", CUDA: "Tried to allocate N GiB"), else the error's first line."""
+    found = re.search(r"allocate (\d+) bytes", str(error))
+    if found:
+        gib = int(found.group(1)) / 2**30
+        size = f"{gib:.1f} GiB" if gib < 1024 else f"{gib / 1024:.1f} TiB"
+        return f"one tensor of {size} could not be allocated"
+    return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+
+
 def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch: int = 32, warmup: int = 3,
                   repeats: int = 20, embedding_tables: list[nn.Parameter] = (), forward: Callable | None = None,
                   compile: bool = False) -> Footprint:
@@ -230,7 +242,7 @@ def profile_model(model: nn.Module, make_example: Callable[[int], tuple], batch:
             activations = activation_peak(run, many)
     except (RuntimeError, MemoryError) as error:
         if _out_of_memory(error):
-            raise MaskkitError(f"--batch {batch} does not fit in memory on {device} ({str(error).splitlines()[0][:120]}); "
+            raise MaskkitError(f"--batch {batch} does not fit in memory on {device} ({_allocation(error)}); "
                                "give a smaller --batch") from None
         raise
     finally:

@@ -139,6 +139,9 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys, tiny_config):
     fails([str(tmp_path / "mae"), "--length", "8"], "is an image model")
     fails([str(tmp_path / "mae"), "--tower", "text"], "has one tower")
     fails([str(tmp_path / "mae"), "--batch", str(2**40), "--repeats", "1"], f"--batch {2**40} does not fit in memory")
+    # the size of the failed allocation in GiB, not the allocator's byte count cut short (it once read 10240000
+    # for 102,400,000,000 bytes): 2**40 images of 3 x 16 x 16 float32
+    fails([str(tmp_path / "mae"), "--batch", str(2**40), "--repeats", "1"], "one tensor of 3072.0 TiB")
 
 
 def test_a_flip_run_is_profiled_one_tower_at_a_time(tmp_path):
