@@ -54,13 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
     evaluate.add_argument("--protocol", default="knn",
                           choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
-                                   "text-probe", "seq2seq", "tokens", "lm-features"],
+                                   "text-probe", "seq2seq", "tokens", "lm-features", "classify"],
                           help="what to measure, on the run and on a random init of the same model (default: knn). "
                                "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, "
                                "dense-probe; both towers of flip: zero-shot, retrieval; a text model (mlm, xlnet, "
                                "pmlm): text-classify, text-probe (a linear probe on frozen features), seq2seq; lqae: "
                                "tokens (reconstructions and their words), lm-features (the frozen LM's features: "
-                               "linear, kNN, 5-way few-shot) besides knn and linear on its encoder")
+                               "linear, kNN, 5-way few-shot) besides knn and linear on its encoder; a classifier "
+                               "(tinybert stages, compressed or not): classify (test accuracy on the test.jsonl "
+                               "maskkit distill writes, or eval.test_documents=FILE)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of the data and eval keys the protocol reads, "
                                                        "e.g. eval.knn_k=10 data.name=folder data.path=DIR")
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -203,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_eval(result: dict) -> str:
     """A short table of one protocol's result (the full record is in eval.json)."""
+    recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
+    if result["protocol"] == "classify":     # a trained classifier: no random init to compare
+        lines = [f"classify on {result['dataset']} ({result['num_test']} test documents) -- test accuracy",
+                 f"  {'classifier':<16} {result['accuracy']:.3f}",
+                 f"  {'majority class':<16} {result['majority']:.3f}"]
+        if result.get("unknown_classes"):
+            lines.append(f"  classes the classifier does not know (counted wrong): {', '.join(result['unknown_classes'])}")
+        overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
+        return "\n".join([*lines, f"checkpoint {result['checkpoint']}{overrides}; {recorded}"])
     pretrained, random_init = result["pretrained"], result["random_init"]
     headline = {"zero-shot": "accuracy on held-out pairs" if result["dataset"] == "shapes" else "accuracy",
                 "retrieval": "mean R@1 (image->text, text->image)",
@@ -241,7 +252,6 @@ def format_eval(result: dict) -> str:
         lines.append(f"  images, reconstructions and words: {result['png']}")
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
-    recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
     overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
     lines.append(f"checkpoint {result['checkpoint']}{overrides}; {recorded}")
     return "\n".join(lines)

@@ -106,6 +106,9 @@ class EvalConfig:
     seq2seq_epochs: int = 4
     seq2seq_test_documents: int = 300   # test documents decoded (generation is the slow part; 0 = all)
     beam_size: int = 1               # 1 = greedy decoding
+    # classify (a TinyBERT stage's classifier, or a compressed one): JSON lines of {text, label}; "" = the
+    # test.jsonl that `maskkit distill` writes next to its stages.
+    test_documents: str = ""
 
 
 @dataclass

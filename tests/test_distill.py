@@ -66,6 +66,26 @@ def test_distill_writes_a_student_and_a_task_teacher_that_run_in_a_pipeline(tmp_
     # The task teacher is the fine-tuned one, not the given encoder with a fresh head.
     task, _ = load_teacher(run / "teacher" / "task.safetensors")
     assert all(torch.equal(task.state_dict()[k], teacher.state_dict()[k]) for k in task.state_dict())
+    # `maskkit eval --protocol classify` scores a stage's classifier on the test.jsonl distill wrote: the numbers
+    # distill.json reports; the general stage has no trained classifier and the default (an image protocol)
+    # points to classify, one line each.
+    capsys.readouterr()
+    for stage, key in (("prediction", "student_test_accuracy"), ("teacher-finetune", "teacher_test_accuracy")):
+        assert main(["eval", str(run / stage), "--protocol", "classify"]) == 0
+        recorded = json.loads((run / stage / "eval.json").read_text())["classify"][-1]
+        assert recorded["accuracy"] == pytest.approx(summary[key], abs=1e-9) and recorded["num_test"] == summary["num_test"]
+        assert f"classifier       {summary[key]:.3f}" in capsys.readouterr().out
+    subset = tmp_path / "two.jsonl"
+    subset.write_text("".join((run / "test.jsonl").read_text().splitlines(keepends=True)[:2]), encoding="utf-8")
+    assert main(["eval", str(run / "prediction"), "--protocol", "classify", f"eval.test_documents={subset}"]) == 0
+    assert "(2 test documents)" in capsys.readouterr().out
+    for args, message in (([str(run / "general"), "--protocol", "classify"], "without a trained classifier"),
+                          ([str(run / "prediction")], "evaluate it with --protocol classify"),
+                          ([str(run / "prediction"), "--protocol", "classify", f"eval.test_documents={tmp_path}/no.jsonl"],
+                           "no.jsonl: no test documents for this classifier")):
+        assert main(["eval", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     # Nothing left to do: a resumed finished distillation keeps every stage and gives the same summary.
     again = distill("tinybert/tiny", overrides(teacher_dir), run, resume=True, progress=False)
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in summary.items() if k != "seconds"}

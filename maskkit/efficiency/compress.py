@@ -36,12 +36,11 @@ from torch.utils.data import DataLoader
 
 from maskkit.config import config_to_dict, save_config
 from maskkit.data import build_data
-from maskkit.data.text import RUN_TOKENIZER, build_document_dataset, run_vocabulary
+from maskkit.data.text import RUN_TOKENIZER, run_vocabulary
 from maskkit.efficiency.models import image_profiled, text_profiled
 from maskkit.efficiency.profile import profile_model
 from maskkit.errors import MaskkitError
-from maskkit.eval.run import evaluate_backbones, evaluate_text, method_from_checkpoint
-from maskkit.eval.text import task_accuracy
+from maskkit.eval.run import classify, evaluate_backbones, evaluate_text, method_from_checkpoint
 from maskkit.files import atomic_write_text, writing
 from maskkit.nn.pruning import keep_heads, keep_neurons, record_shapes
 from maskkit.nn.quantized import Int8Linear, quantize_linears
@@ -206,27 +205,11 @@ def apply(c: Compressible, operation: str, amount, batches: int, device: torch.d
 
 # Quality and footprint
 
-def test_file_of(c: Compressible, test: str | None) -> Path:
-    if test:
-        path = Path(test).expanduser()
-    else:
-        candidates = [c.run_dir / "test.jsonl", c.run_dir.parent / "test.jsonl"]
-        path = next((p for p in candidates if p.is_file()), candidates[-1])
-    if not path.is_file():
-        raise MaskkitError(f"{path}: no test documents for this classifier (maskkit distill writes RUN/test.jsonl; "
-                           "give --test FILE, a JSON-lines file of {\"text\", \"label\"})")
-    return path
-
-
 def quality(c: Compressible, device: torch.device, test: str | None = None, seed: int = 0) -> dict:
     """{"metric", "value"}: the run's protocol on the model as it is now."""
     if isinstance(c.model, SequenceClassifier):
-        data = run_vocabulary(c.cfg.data, c.run_dir)
-        data = replace(data, name="jsonl", path=str(test_file_of(c, test)), label_field="label", split=[0.0, 0.0, 1.0],
-                       examples="documents")
-        documents, _, names = build_document_dataset(data, "test")
-        value = task_accuracy(c.model, documents.dataset, c.model.labels, names)
-        return {"metric": "test accuracy", "value": value, "num_test": len(documents)}
+        result = classify(c.model, c.cfg, c.run_dir, test or "")
+        return {"metric": "test accuracy", "value": result["accuracy"], "num_test": result["num_test"]}
     if isinstance(c.backbone, ViT):
         result = evaluate_backbones(c.backbone, c.cfg, ["knn"], device, seed, progress=False)["knn"]
         return {"metric": "knn accuracy", "value": result["pretrained"], "num_test": result["num_test"]}

@@ -27,22 +27,23 @@ from maskkit.config import (
 )
 from maskkit.data.augment import ImageAugment
 from maskkit.data.images import labelled_dataset, labelled_name
-from maskkit.data.text import run_vocabulary
+from maskkit.data.text import build_document_dataset, run_vocabulary
 from maskkit.errors import MaskkitError
 from maskkit.eval.features import extract_features
 from maskkit.eval.finetune import finetune, labels_per_class
 from maskkit.eval.linear_probe import linear_probe
+from maskkit.eval.text import task_accuracy
 from maskkit.files import atomic_write_text, writing
 from maskkit.interop.pretrained import build_with_frozen_parts
 from maskkit.nn.knn import knn_accuracy
-from maskkit.nn.transformer import ViT, ViTConfig
+from maskkit.nn.transformer import SequenceClassifier, ViT, ViTConfig
 from maskkit.runlock import RunLock
 from maskkit.train.checkpoint import check_state_dict, find_checkpoint, load_weights, read_state
 from maskkit.train.distributed import pick_device
 
 log = logging.getLogger("maskkit")
 PROTOCOLS = ("linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify", "text-probe",
-             "seq2seq", "tokens", "lm-features")
+             "seq2seq", "tokens", "lm-features", "classify")
 TWO_TOWER_PROTOCOLS = ("zero-shot", "retrieval")
 TEXT_PROTOCOLS = ("text-classify", "text-probe", "seq2seq")
 LQAE_PROTOCOLS = ("tokens", "lm-features")      # maskkit/eval/lqae.py
@@ -78,6 +79,7 @@ READS = {
     "tokens": (*_LABELLED_IMAGES, "eval.batch_size"),
     "lm-features": (*_LABELLED_IMAGES, "eval.batch_size", "eval.knn_k", "eval.knn_temperature", "eval.probe_epochs",
                     "eval.probe_lr", "eval.probe_batch_size"),
+    "classify": ("eval.test_documents", "data.text_field", "data.label_field", "eval.text_batch_size"),
 }
 RUNTIME_OVERRIDES = ("train.threads",)   # how fast, not what: accepted by every protocol, not part of its settings
 
@@ -123,10 +125,16 @@ def method_from_checkpoint(checkpoint: Path):
     return method, cfg
 
 
+# What to use instead of an image protocol on a run without a ViT.
+_PROTOCOLS_OF = {"mlm": "text-classify, text-probe or seq2seq", "xlnet": "text-classify, text-probe or seq2seq",
+                 "pmlm": "text-classify, text-probe or seq2seq", "tinybert": "classify"}
+
+
 def _from_checkpoint(checkpoint: Path) -> tuple[ViT, Config]:
     method, cfg = method_from_checkpoint(checkpoint)
     if not isinstance(method.backbone, ViT):
-        raise MaskkitError(f"{checkpoint}: method {cfg.method!r} has no ViT backbone to evaluate on images")
+        instead = f"; evaluate it with --protocol {_PROTOCOLS_OF[cfg.method]}" if cfg.method in _PROTOCOLS_OF else ""
+        raise MaskkitError(f"{checkpoint}: method {cfg.method!r} has no ViT backbone to evaluate on images{instead}")
     return method.backbone, cfg
 
 
@@ -490,6 +498,38 @@ def evaluate_lqae(method, cfg: Config, protocol: str, png: Path, device="cpu", s
     return lm_features_protocol(models, cfg, device, seed)
 
 
+def test_documents_of(run_dir: Path, given: str = "") -> Path:
+    """`given`, else the test.jsonl that `maskkit distill` writes in its folder (RUN/.., or RUN for its root)."""
+    if given:
+        path = Path(given).expanduser()
+    else:
+        candidates = [run_dir / "test.jsonl", run_dir.parent / "test.jsonl"]
+        path = next((p for p in candidates if p.is_file()), candidates[-1])
+    if not path.is_file():
+        raise MaskkitError(f"{path}: no test documents for this classifier (maskkit distill writes them next to its "
+                           "stages; give a JSON-lines file of {\"text\", \"label\"})")
+    return path
+
+
+def classify(model, cfg: Config, run_dir: Path, test_documents: str = "") -> dict:
+    """Test accuracy of a classifier (a TinyBERT stage, or a compressed one) on labelled documents, matched to its
+    classes by name; the majority class's share beside it. There is no random init to compare: an untrained
+    classifier is at chance."""
+    if not isinstance(model, SequenceClassifier) or getattr(cfg.model, "stage", "") == "general":
+        raise MaskkitError(f"{run_dir}: a {cfg.method} run without a trained classifier (TinyBERT's general stage "
+                           "distils the backbone only); evaluate a later stage, e.g. prediction")
+    path = test_documents_of(run_dir, test_documents)
+    data = dataclasses.replace(run_vocabulary(cfg.data, run_dir), name="jsonl", path=str(path), split=[0.0, 0.0, 1.0],
+                               examples="documents", max_documents=0, label_field=cfg.data.label_field or "label")
+    documents, _, names = build_document_dataset(data, "test")
+    labels = documents.dataset.labels
+    majority = int(torch.bincount(labels).max()) / len(labels)
+    accuracy = task_accuracy(model, documents.dataset, model.labels, names, batch_size=cfg.eval.text_batch_size)
+    unknown = sorted(set(names) - set(model.labels))
+    return {"protocol": "classify", "dataset": str(path), "num_test": len(labels), "accuracy": accuracy,
+            "majority": majority, **({"unknown_classes": unknown} if unknown else {})}
+
+
 def _eval_json_path(source: Path) -> Path:
     """RUN/eval.json for a checkpoint under RUN/checkpoints/, else next to the file or in the checkpoint."""
     if source.is_file():
@@ -527,7 +567,7 @@ def evaluate(
     lock.check_free(wait=RECORD_WAIT_S)
     if protocol in TWO_TOWER_PROTOCOLS:
         method, cfg = load_method(source)
-    elif protocol in TEXT_PROTOCOLS or protocol in LQAE_PROTOCOLS:
+    elif protocol in TEXT_PROTOCOLS or protocol in LQAE_PROTOCOLS or protocol == "classify":
         if not source.is_dir():
             raise MaskkitError(f"{source}: {protocol} needs a run or checkpoint directory, not an exported file")
         method, cfg = method_from_checkpoint(source)
@@ -537,12 +577,16 @@ def evaluate(
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)), source="overrides")
     if protocol in TEXT_PROTOCOLS:
         cfg.data = run_vocabulary(cfg.data, _eval_json_path(source).parent)
+    if protocol == "classify" and cfg.data.kind != "text":
+        raise MaskkitError(f"classify evaluates a text classifier; this run trained on data.kind={cfg.data.kind}")
     if cfg.train.threads and _device(device).type == "cpu":
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
     if protocol in TWO_TOWER_PROTOCOLS:
         result = evaluate_two_towers(method, cfg, protocol, device, seed)
     elif protocol in TEXT_PROTOCOLS:
         result = evaluate_text(method.backbone, cfg, protocol, device, seed, progress)
+    elif protocol == "classify":
+        result = classify(getattr(method, "model", None), cfg, _eval_json_path(source).parent, cfg.eval.test_documents)
     elif protocol in LQAE_PROTOCOLS:
         result = evaluate_lqae(method, cfg, protocol, _eval_json_path(source).parent / "tokens.png", device, seed)
     else:

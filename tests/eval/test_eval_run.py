@@ -131,7 +131,7 @@ def test_every_key_a_protocol_reads_exists():
     from maskkit.data.text import TextDataConfig
 
     data_kind = {**dict.fromkeys(eval_run.TWO_TOWER_PROTOCOLS, PairDataConfig),
-                 **dict.fromkeys(eval_run.TEXT_PROTOCOLS, TextDataConfig)}
+                 **dict.fromkeys((*eval_run.TEXT_PROTOCOLS, "classify"), TextDataConfig)}
     assert set(eval_run.READS) == set(eval_run.PROTOCOLS)
     for protocol, keys in eval_run.READS.items():
         fields = {"data": data_kind.get(protocol, DataConfig), "eval": EvalConfig}
