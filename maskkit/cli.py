@@ -52,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a run or checkpoint: maskkit eval RUN --protocol knn")
     evaluate.add_argument("path", help="run directory, checkpoint directory or backbone.safetensors")
-    evaluate.add_argument("--protocol", default="knn",
+    evaluate.add_argument("--protocol", default=None,
                           choices=["linear", "knn", "finetune", "dense-probe", "zero-shot", "retrieval", "text-classify",
                                    "text-probe", "seq2seq", "tokens", "lm-features", "classify"],
-                          help="what to measure, on the run and on a random init of the same model (default: knn). "
+                          help="what to measure, on the run and on a random init of the same model (default: knn for an "
+                               "image backbone, text-probe for a text model, classify for a tinybert stage). "
                                "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, "
                                "dense-probe; both towers of flip: zero-shot, retrieval; a text model (mlm, xlnet, "
                                "pmlm): text-classify, text-probe (a linear probe on frozen features), seq2seq; lqae: "

@@ -106,10 +106,12 @@ def test_version_and_the_protocols_in_eval_help(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--help"])
     help_text = capsys.readouterr().out
-    assert exit_.value.code == 0 and "(default: knn)" in help_text
+    assert exit_.value.code == 0 and "(default: knn for an image backbone, text-probe for a text model, classify for a " \
+        "tinybert stage)" in help_text
     assert "An image backbone (mae, energy, moco, densecl, flip): knn, linear, finetune, dense-probe" in help_text
     assert "both towers of flip: zero-shot, retrieval" in help_text
     assert "a text model (mlm, xlnet, pmlm): text-classify, text-probe" in help_text
+    assert "a classifier (tinybert stages, compressed or not): classify" in help_text
 
 
 def test_recipe_commands(tmp_path, capsys):

@@ -77,10 +77,10 @@ def test_distill_writes_a_student_and_a_task_teacher_that_run_in_a_pipeline(tmp_
         assert f"classifier       {summary[key]:.3f}" in capsys.readouterr().out
     subset = tmp_path / "two.jsonl"
     subset.write_text("".join((run / "test.jsonl").read_text().splitlines(keepends=True)[:2]), encoding="utf-8")
-    assert main(["eval", str(run / "prediction"), "--protocol", "classify", f"eval.test_documents={subset}"]) == 0
-    assert "(2 test documents)" in capsys.readouterr().out
+    assert main(["eval", str(run / "prediction"), f"eval.test_documents={subset}"]) == 0     # classify: the default
+    assert "classify on" in (out := capsys.readouterr().out) and "(2 test documents)" in out
     for args, message in (([str(run / "general"), "--protocol", "classify"], "without a trained classifier"),
-                          ([str(run / "prediction")], "evaluate it with --protocol classify"),
+                          ([str(run / "prediction"), "--protocol", "knn"], "evaluate it with --protocol classify"),
                           ([str(run / "prediction"), "--protocol", "classify", f"eval.test_documents={tmp_path}/no.jsonl"],
                            "no.jsonl: no test documents for this classifier")):
         assert main(["eval", *args]) == 2

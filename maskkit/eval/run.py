@@ -537,15 +537,26 @@ def _eval_json_path(source: Path) -> Path:
     return (source.parent.parent if source.parent.name == "checkpoints" else source) / "eval.json"
 
 
+def default_protocol(source: Path) -> str:
+    """What `maskkit eval RUN` measures without --protocol: knn for an image backbone, classify for a TinyBERT
+    stage, text-probe (the quick one: a linear probe on frozen features) for a text model."""
+    if not source.is_dir():
+        return "knn"
+    config = read_state(source).get("config")
+    method = config.get("method") if isinstance(config, dict) else None
+    return {"tinybert": "classify", "mlm": "text-probe", "xlnet": "text-probe", "pmlm": "text-probe"}.get(method, "knn")
+
+
 def evaluate(
     path: str | Path,
-    protocol: str,
+    protocol: str | None,
     overrides: Sequence[str] = (),
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Run `protocol` (one of PROTOCOLS) on the model at `path` and on a random init of it.
+    """Run `protocol` (one of PROTOCOLS; None: `default_protocol` of the run) on the model at `path` and on a random
+    init of it.
 
     `overrides` are dotted `key=value` strings for the data and eval keys the protocol reads (`READS`, e.g.
     `eval.knn_k=10`, `data.name=folder`, `data.path=DIR`); any other key is refused. Returns the result, with
@@ -559,9 +570,10 @@ def evaluate(
     run that started training meanwhile) is still returned, with "eval_json" None and the reason in
     "not_recorded".
     """
+    source = find_weights(path)
+    protocol = protocol or default_protocol(source)
     _check_protocol(protocol)
     check_overrides(protocol, overrides)
-    source = find_weights(path)
     lock = RunLock(_eval_json_path(source).parent, f"eval records its result in {_eval_json_path(source)}, so run it "
                    "when that finishes (or evaluate a copy of the checkpoint)")
     lock.check_free(wait=RECORD_WAIT_S)

@@ -240,3 +240,15 @@ def test_eval_returns_its_result_when_a_writer_took_the_run_while_it_worked(own_
         trainer.release()
     assert result["pretrained"] > 0.3 and result["eval_json"] is None and "is in use by" in result["not_recorded"]
     assert not (own_run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("method, protocol", [("mae", "knn"), ("flip", "knn"), ("mlm", "text-probe"),
+                                              ("pmlm", "text-probe"), ("tinybert", "classify")])
+def test_the_default_protocol_fits_the_run(tmp_path, method, protocol):
+    from maskkit.train.checkpoint import FORMAT_VERSION
+
+    checkpoint = tmp_path / "step_0000001"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text(json.dumps({"format": FORMAT_VERSION, "config": {"method": method}}))
+    assert eval_run.default_protocol(checkpoint) == protocol
+    assert eval_run.default_protocol(tmp_path / "backbone.safetensors") == "knn"     # a file: an image backbone
