@@ -208,7 +208,8 @@ def format_eval(result: dict) -> str:
     """A short table of one protocol's result (the full record is in eval.json)."""
     recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
     if result["protocol"] == "classify":     # a trained classifier: no random init to compare
-        lines = [f"classify on {result['dataset']} ({result['num_test']} test documents) -- test accuracy",
+        documents = "document" if result["num_test"] == 1 else "documents"
+        lines = [f"classify on {result['dataset']} ({result['num_test']} test {documents}) -- test accuracy",
                  f"  {'classifier':<16} {result['accuracy']:.3f}",
                  f"  {'majority class':<16} {result['majority']:.3f}"]
         if result.get("unknown_classes"):

@@ -272,6 +272,12 @@ def read_corpus(cfg: TextDataConfig) -> Corpus:
     else:
         path, skips = Path(cfg.path).expanduser(), _Skips()
         documents, names = (read_files if cfg.name in ("txt", "jsonl") else read_hf)(path, cfg, skips)
+        if not documents and skips.counts:      # one line saying why, not a warning per reason and then an error
+            why = "; ".join(f"{count} skipped as {reason}, the first at {skips.first[reason]}"
+                            for reason, count in skips.counts.items())
+            spreadsheet = (" (a spreadsheet's CSV: save it as JSON lines, one {\"text\": ...} object per line)"
+                           if path.suffix.lower() in (".csv", ".tsv") else "")
+            raise MaskkitError(f"data: the corpus {path} holds no document: {why}{spreadsheet}")
         corpus = Corpus(documents, names, skips.counts)
         skips.report()
     if cfg.max_documents:

@@ -507,7 +507,8 @@ def test_documents_of(run_dir: Path, given: str = "") -> Path:
         path = next((p for p in candidates if p.is_file()), candidates[-1])
     if not path.is_file():
         raise MaskkitError(f"{path}: no test documents for this classifier (maskkit distill writes them next to its "
-                           "stages; give a JSON-lines file of {\"text\", \"label\"})")
+                           "stages; name a JSON-lines file of {\"text\", \"label\"} with eval.test_documents=FILE, "
+                           "or --test FILE to compress and pareto)")
     return path
 
 

@@ -108,8 +108,14 @@ def test_datasets_folder_from_save_to_disk(tmp_path):
 def test_an_empty_corpus_and_a_missing_file_fail_naming_them(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
-    with pytest.raises(MaskkitError, match="no non-empty document"):
+    with pytest.raises(MaskkitError, match=r"holds no document: 3 skipped as empty, the first at .*empty.txt:1$"):
         read_corpus(TextDataConfig(name="txt", path=str(empty)))
+    # A spreadsheet's CSV given as JSON lines: one line saying why and what to do, no warnings before it.
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text('text,label\n"A painter in Paris",Arts\n', encoding="utf-8")
+    with pytest.raises(MaskkitError, match=r"holds no document: 2 skipped as not valid JSON, the first at "
+                                           r".*sheet.csv:1 \(a spreadsheet's CSV: save it as JSON lines"):
+        read_corpus(TextDataConfig(name="jsonl", path=str(sheet)))
     with pytest.raises(MaskkitError, match="does not exist"):
         read_corpus(TextDataConfig(name="txt", path=str(tmp_path / "missing.txt")))
 
