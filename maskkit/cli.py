@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 def format_eval(result: dict) -> str:
     """A short table of one protocol's result (the full record is in eval.json)."""
     recorded = f"recorded in {result['eval_json']}" if result.get("eval_json") else "not recorded"
+    overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
+    footer = f"checkpoint {result['checkpoint']}{overrides}; {recorded}"
     if result["protocol"] == "classify":     # a trained classifier: no random init to compare
         documents = "document" if result["num_test"] == 1 else "documents"
         lines = [f"classify on {result['dataset']} ({result['num_test']} test {documents}) -- test accuracy",
@@ -214,8 +216,7 @@ def format_eval(result: dict) -> str:
                  f"  {'majority class':<16} {result['majority']:.3f}"]
         if result.get("unknown_classes"):
             lines.append(f"  classes the classifier does not know (counted wrong): {', '.join(result['unknown_classes'])}")
-        overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
-        return "\n".join([*lines, f"checkpoint {result['checkpoint']}{overrides}; {recorded}"])
+        return "\n".join([*lines, footer])
     pretrained, random_init = result["pretrained"], result["random_init"]
     headline = {"zero-shot": "accuracy on held-out pairs" if result["dataset"] == "shapes" else "accuracy",
                 "retrieval": "mean R@1 (image->text, text->image)",
@@ -254,8 +255,7 @@ def format_eval(result: dict) -> str:
         lines.append(f"  images, reconstructions and words: {result['png']}")
     if "pretrained_recall" in result:
         lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["pretrained_recall"].items()))
-    overrides = f" with {' '.join(result['overrides'])}" if result.get("overrides") else ""
-    lines.append(f"checkpoint {result['checkpoint']}{overrides}; {recorded}")
+    lines.append(footer)
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def pareto(runs: list[str], out: str | Path, *, batch: int = 32, length: int | N
         raise MaskkitError(f"--names has {len(names)} label{'s' * (len(names) != 1)} for {len(runs)} runs; "
                            "give one per run, in order")
     rows = [measure(Path(run).expanduser(), batch, length, compile, repeats, test) for run in runs]
-    for row, name in zip(rows, names or [], strict=False):
+    for row, name in zip(rows, names, strict=True) if names else ():
         row["name"] = name
     metrics = {r["metric"] for r in rows}
     if len(metrics) > 1:

@@ -125,15 +125,17 @@ def method_from_checkpoint(checkpoint: Path):
     return method, cfg
 
 
-# What to use instead of an image protocol on a run without a ViT.
-_PROTOCOLS_OF = {"mlm": "text-classify, text-probe or seq2seq", "xlnet": "text-classify, text-probe or seq2seq",
-                 "pmlm": "text-classify, text-probe or seq2seq", "tinybert": "classify"}
+# The protocols of the methods without a ViT, the default (`maskkit eval RUN`) first; every other method is
+# evaluated on images, knn by default.
+_TEXT = ("text-probe", "text-classify", "seq2seq")
+PROTOCOLS_OF_METHOD = {"mlm": _TEXT, "xlnet": _TEXT, "pmlm": _TEXT, "tinybert": ("classify",)}
 
 
 def _from_checkpoint(checkpoint: Path) -> tuple[ViT, Config]:
     method, cfg = method_from_checkpoint(checkpoint)
     if not isinstance(method.backbone, ViT):
-        instead = f"; evaluate it with --protocol {_PROTOCOLS_OF[cfg.method]}" if cfg.method in _PROTOCOLS_OF else ""
+        fitting = PROTOCOLS_OF_METHOD.get(cfg.method)
+        instead = f"; evaluate it with --protocol {' or '.join(fitting)}" if fitting else ""
         raise MaskkitError(f"{checkpoint}: method {cfg.method!r} has no ViT backbone to evaluate on images{instead}")
     return method.backbone, cfg
 
@@ -517,8 +519,8 @@ def classify(model, cfg: Config, run_dir: Path, test_documents: str = "") -> dic
     classes by name; the majority class's share beside it. There is no random init to compare: an untrained
     classifier is at chance."""
     if not isinstance(model, SequenceClassifier) or getattr(cfg.model, "stage", "") == "general":
-        raise MaskkitError(f"{run_dir}: a {cfg.method} run without a trained classifier (TinyBERT's general stage "
-                           "distils the backbone only); evaluate a later stage, e.g. prediction")
+        raise MaskkitError(f"{run_dir}: method {cfg.method!r} without a trained classifier; classify evaluates TinyBERT's "
+                           "stages after the general one (which distils the backbone only), e.g. prediction")
     path = test_documents_of(run_dir, test_documents)
     data = dataclasses.replace(run_vocabulary(cfg.data, run_dir), name="jsonl", path=str(path), split=[0.0, 0.0, 1.0],
                                examples="documents", max_documents=0, label_field=cfg.data.label_field or "label")
@@ -545,7 +547,7 @@ def default_protocol(source: Path) -> str:
         return "knn"
     config = read_state(source).get("config")
     method = config.get("method") if isinstance(config, dict) else None
-    return {"tinybert": "classify", "mlm": "text-probe", "xlnet": "text-probe", "pmlm": "text-probe"}.get(method, "knn")
+    return PROTOCOLS_OF_METHOD.get(method, ("knn",))[0]
 
 
 def evaluate(
@@ -590,8 +592,6 @@ def evaluate(
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)), source="overrides")
     if protocol in TEXT_PROTOCOLS:
         cfg.data = run_vocabulary(cfg.data, _eval_json_path(source).parent)
-    if protocol == "classify" and cfg.data.kind != "text":
-        raise MaskkitError(f"classify evaluates a text classifier; this run trained on data.kind={cfg.data.kind}")
     if cfg.train.threads and _device(device).type == "cpu":
         torch.set_num_threads(cfg.train.threads)  # as `train` does: train.threads=1 helps on a busy machine
     if protocol in TWO_TOWER_PROTOCOLS:
